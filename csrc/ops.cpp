@@ -1,0 +1,46 @@
+// The one place where every tike_cuda operator schema is declared.
+//
+// Device implementations live in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(..., CPU)) and
+// csrc/cuda/*.cu (TORCH_LIBRARY_IMPL(..., CUDA)); the Python package registers fake
+// (meta) kernels and autograd formulas for the forward ops (python/tike_cuda/).
+//
+// Conventions shared by every op (see docs/kernels.md for the full contract):
+//  * logits / ref_logits are [..., V] with a unit stride on the last dim; the leading
+//    dims are flattened to N rows (N = numel / V). Outputs are float32 of shape [N].
+//  * the saved tensors (lse, idx, coef, shift, ...) are float32 / int32 of shape [N] or
+//    [N, K1]; they are what the backward op needs instead of re-reading ref_logits.
+//  * mask (bool [N], optional): false rows are never read; outputs and gradients are 0.
+#include <torch/library.h>
+
+TORCH_LIBRARY(tike_cuda, m) {
+  // Top-k (∪ sampled token) partial KL, times the detached IS weight.
+  // Returns (out[N], lse[N], idx[N,K1] int32, coef[N,K1], shift[N], stats[N,3]).
+  m.def(
+      "topk_kl(Tensor logits, Tensor ref_logits, int k, Tensor? sampled_tokens, "
+      "Tensor? old_logprobs, Tensor? mask, float temperature, bool union_sampled, "
+      "bool tail_bucket) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // d out / d logits: grad[n, j] = g[n] * p[n, j] * (1[j in S~] * coef[n, s(j)] - shift[n]).
+  m.def(
+      "topk_kl_backward(Tensor grad_out, Tensor logits, Tensor lse, Tensor idx, "
+      "Tensor coef, Tensor shift, Tensor? mask, float temperature) -> Tensor");
+  // Same gradient written over the logits buffer (no N x V allocation).
+  m.def(
+      "topk_kl_backward_(Tensor grad_out, Tensor(a!) logits, Tensor lse, Tensor idx, "
+      "Tensor coef, Tensor shift, Tensor? mask, float temperature) -> ()");
+
+  // Exact full-vocabulary KL(p || q). Returns (out[N], lse_p[N], lse_q[N]).
+  m.def(
+      "full_kl(Tensor logits, Tensor ref_logits, Tensor? mask, float temperature) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "full_kl_backward(Tensor grad_out, Tensor logits, Tensor ref_logits, Tensor out, "
+      "Tensor lse_p, Tensor lse_q, Tensor? mask, float temperature) -> Tensor");
+
+  // log p(token) and (optionally) the entropy of p. Returns (logp[N], entropy[N] or [0], lse[N]).
+  m.def(
+      "token_logprobs(Tensor logits, Tensor tokens, float temperature, bool with_entropy) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "token_logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, "
+      "Tensor tokens, Tensor lse, Tensor entropy, float temperature) -> Tensor");
+}

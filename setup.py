@@ -1,0 +1,93 @@
+"""Build tike_cuda._C: CPU kernels always, CUDA kernels (sm_90 by default) when nvcc is found.
+
+Environment switches:
+  TIKE_CUDA=0 / 1        force the CUDA part off / on (default: on when nvcc is found;
+                         never decided from torch.cuda.is_available(), so a GPU-less
+                         build machine still produces GPU kernels)
+  CUDA_HOME              where nvcc lives (default /usr/local/cuda)
+  TORCH_CUDA_ARCH_LIST   architectures to compile for (default "9.0")
+  MAX_JOBS               parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _find_nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    nvcc = Path(home) / "bin" / "nvcc"
+    if nvcc.is_file():
+        return home
+    found = shutil.which("nvcc")
+    return str(Path(found).resolve().parent.parent) if found else None
+
+
+def _want_cuda():
+    flag = os.environ.get("TIKE_CUDA", "").strip().lower()
+    if flag in ("0", "off", "false", "no"):
+        return None
+    home = _find_nvcc()
+    if flag in ("1", "on", "true", "yes") and home is None:
+        sys.exit("TIKE_CUDA=1 but no nvcc was found (set CUDA_HOME)")
+    return home
+
+
+def _wheel_cuda_includes():
+    """Headers (cublas, cusparse, ...) that ATen/cuda includes ship in the nvidia pip wheels."""
+    out = []
+    for entry in sys.path:
+        out += glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))
+        out += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
+    return sorted(set(p for p in out if os.path.isdir(p)))
+
+
+def _extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cuda_home = _want_cuda()
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(
+        glob.glob("csrc/kernels/*_cpu.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-DTIKE_HAVE_PYTHON_MODULE"]
+    include_dirs = [str(ROOT / "csrc")]
+    if cuda_home is None:
+        return [CppExtension("tike_cuda._C", sources, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx})]
+
+    os.environ.setdefault("CUDA_HOME", cuda_home)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+            "-DTIKE_WITH_CUDA"]
+    return [CUDAExtension("tike_cuda._C", sources,
+                          include_dirs=include_dirs + _wheel_cuda_includes(),
+                          extra_compile_args={"cxx": cxx + ["-DTIKE_WITH_CUDA"], "nvcc": nvcc})]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="tike_cuda",
+    version="0.1.0",
+    description="Top-k importance-weighted KL (TIKE) for LLM RL losses: CPU and CUDA kernels",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "analysis": ["matplotlib", "tqdm", "safetensors"],
+        "test": ["pytest", "hypothesis", "matplotlib", "tqdm", "safetensors"],
+    },
+    entry_points={"console_scripts": ["tike-cuda=tike_cuda.__main__:main"]},
+    zip_safe=False,
+)
