@@ -10,5 +10,5 @@ endif()
 add_library(tike_kernels_cpu STATIC ${TIKE_CPU_KERNEL_SOURCES})
 target_include_directories(tike_kernels_cpu PUBLIC "${PROJECT_SOURCE_DIR}/csrc")
 target_compile_options(tike_kernels_cpu PRIVATE
-  $<$<CXX_COMPILER_ID:GNU,Clang>:-fno-math-errno -Wall -Wextra>)
+  $<$<CXX_COMPILER_ID:GNU,Clang>:-fno-math-errno -Wno-psabi -Wall -Wextra>)
 set_target_properties(tike_kernels_cpu PROPERTIES POSITION_INDEPENDENT_CODE ON)
