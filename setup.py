@@ -53,7 +53,9 @@ def _extensions():
     cuda_home = _want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(
         glob.glob("csrc/kernels/*_cpu.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-DTIKE_HAVE_PYTHON_MODULE"]
+    # No -std flag: torch.utils.cpp_extension sets the one its headers need (C++20 for
+    # recent torch, C++17 for older ones).
+    cxx = ["-O3", "-fno-math-errno", "-Wno-psabi", "-DTIKE_HAVE_PYTHON_MODULE"]
     include_dirs = [str(ROOT / "csrc")]
     if cuda_home is None:
         return [CppExtension("tike_cuda._C", sources, include_dirs=include_dirs,
@@ -62,7 +64,7 @@ def _extensions():
     os.environ.setdefault("CUDA_HOME", cuda_home)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DTIKE_WITH_CUDA"]
     return [CUDAExtension("tike_cuda._C", sources,
                           include_dirs=include_dirs + _wheel_cuda_includes(),

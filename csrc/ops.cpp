@@ -44,3 +44,26 @@ TORCH_LIBRARY(tike_cuda, m) {
       "token_logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, "
       "Tensor tokens, Tensor lse, Tensor entropy, float temperature) -> Tensor");
 }
+
+#ifdef TIKE_HAVE_PYTHON_MODULE
+// `import tike_cuda._C` loads this library (and with it the registrations above); the
+// module itself only says how it was built.
+#include <Python.h>
+#ifdef TIKE_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "tike_cuda kernels", -1, nullptr};
+  PyObject* m = PyModule_Create(&def);
+  if (m == nullptr) return nullptr;
+#ifdef TIKE_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+  PyModule_AddIntConstant(m, "CUDA_VERSION", CUDART_VERSION);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+  PyModule_AddIntConstant(m, "CUDA_VERSION", 0);
+#endif
+  return m;
+}
+#endif

@@ -1,1 +1,40 @@
-"""tike_cuda: the Top-k Importance-weighted KL Estimator (TIKE) as fused CPU/CUDA kernels."""
+"""tike_cuda: the Top-k Importance-weighted KL Estimator (TIKE) as fused CPU/CUDA kernels.
+
+    import tike_cuda
+    kl = tike_cuda.topk_kl(logits, ref_logits, k=16, sampled_tokens=tokens,
+                           old_logprobs=old_logprobs, mask=response_mask)   # [B, T]
+
+Ops are registered once (TORCH_LIBRARY(tike_cuda)) and work under torch.compile.
+"""
+import warnings
+
+import torch
+
+from . import _C  # loads the kernels and registers torch.ops.tike_cuda.*
+from .full_kl import full_kl
+from .reference import TopkStats
+from .token_logprobs import token_logprobs
+from .topk_kl import topk_kl
+
+__version__ = "0.1.0"
+__all__ = ["topk_kl", "full_kl", "token_logprobs", "TopkStats", "built_with_cuda"]
+
+
+def built_with_cuda() -> bool:
+    """Whether this build carries the CUDA kernels (decided by nvcc at build time)."""
+    return bool(_C.WITH_CUDA)
+
+
+def _check_cuda_match() -> None:
+    # An extension built against one CUDA major and loaded beside a torch of another fails
+    # in obscure ways at the first launch; say so at import instead.
+    if not _C.WITH_CUDA or torch.version.cuda is None:
+        return
+    ext_major = _C.CUDA_VERSION // 1000
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if ext_major != torch_major:
+        warnings.warn(f"tike_cuda was built with CUDA {ext_major}.x but torch uses CUDA "
+                      f"{torch.version.cuda}: rebuild tike_cuda against this torch", stacklevel=2)
+
+
+_check_cuda_match()

@@ -1,0 +1,103 @@
+"""Validation of user input, written once: every public op calls these, so a bad argument
+gives a ValueError / TypeError that names it instead of a crash inside a kernel."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _tracing() -> bool:
+    # Value checks (token range) read data; under torch.compile they would break the graph.
+    return torch.compiler.is_compiling()
+
+
+def logits(x, name: str = "logits") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+    return x
+
+
+def like_logits(x, ref: Tensor, name: str) -> Tensor:
+    logits(x, name)
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} must have the logits' shape {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the logits' dtype {ref.dtype}, got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the logits' device {ref.device}, got {x.device}")
+    return x
+
+
+def per_token(x, ref: Tensor, name: str, kind: str) -> Optional[Tensor]:
+    """An optional [...] tensor with one entry per logits row; kind: 'int', 'float', 'bool'."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    ok = {"int": not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool,
+          "float": x.dtype.is_floating_point,
+          "bool": x.dtype == torch.bool}[kind]
+    if not ok:
+        want = {"int": "an integer", "float": "a floating", "bool": "a bool"}[kind]
+        raise TypeError(f"{name} must have {want} dtype, got {x.dtype}")
+    if x.shape != ref.shape[:-1]:
+        raise ValueError(f"{name} must have shape {tuple(ref.shape[:-1])} (the logits' leading "
+                         f"dims), got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the logits' device {ref.device}, got {x.device}")
+    return x
+
+
+def tokens(x, ref: Tensor, name: str) -> Optional[Tensor]:
+    x = per_token(x, ref, name, "int")
+    # Range check on the CPU only: on a GPU it would be a hidden host sync per call
+    # (the CUDA kernels give NaN for a row whose token is out of range instead).
+    if x is not None and x.numel() and x.device.type == "cpu" and not _tracing():
+        V = ref.shape[-1]
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"{name} must be in [0, V={V}), got values in [{lo}, {hi}]")
+    return x
+
+
+def k_value(k, V: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= int(k) <= V:
+        raise ValueError(f"k must be in [1, V={V}], got {k}")
+    return int(k)
+
+
+def temperature(t) -> float:
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {type(t).__name__}")
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {t}")
+    return float(t)
+
+
+def flag(x, name: str) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return x
+
+
+def choice(x, name: str, options) -> str:
+    if x not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {x!r}")
+    return x
+
+
+def rows(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Flatten a per-token tensor to the [N] the ops take (detached: no gradient flows)."""
+    return None if x is None else x.detach().reshape(-1).to(dtype)
