@@ -1,0 +1,597 @@
+// CUDA kernels and launchers of topk_kl (torch-free, header-only). See docs/kernels.md.
+//
+// Forward, per row: ONE streaming pass reads z and zr together (16-byte vectors) and keeps
+//   * the warp-level top-k of z (topk_select.cuh) with its running threshold;
+//   * the tail sums of p and q over the elements that are not (or no longer) candidates;
+// then the warps' lists are merged, and the head terms, the log-sum-exps, the K1 terms
+// and the outputs are computed from the final list (in double: ≤ k+1 terms per row).
+// Because the candidates carry their zr value, no gather of the reference row is needed,
+// and the tail bucket costs nothing extra. Rows are split over several CTAs when there
+// are few rows (each CTA writes its partial list and tail sums; a combine kernel merges).
+//
+// k above kTopkSelectMaxK: the caller puts S (sorted, ties to the lower index) in
+// idx[:, :k] first; the pass then tests membership against S's k-th key instead.
+//
+// Backward, per row: one pass over z writing g·p_j·(−shift), then the K1 entries of S~
+// patched with g·p_j·(coef − shift). The S~ entries' values are computed from z before the
+// dense pass, so grad may alias logits (in-place backward).
+#pragma once
+#include <climits>
+
+#include "topk_kl_args.h"
+#include "topk_select.cuh"
+
+namespace tike::cuda {
+
+// Largest k of the in-register/shared-memory selection; above it S comes from the caller.
+constexpr int64_t kTopkSelectMaxK = 256;
+
+struct TopkKlForwardPlan {
+  int splits = 1, seg = 0;  // CTAs per row and columns per CTA
+  int kp = 1, cap = 64;     // next_pow2(k); warp buffer entries
+  bool preselected = false;  // k > kTopkSelectMaxK: idx[:, :k] must hold S on entry
+  size_t workspace_bytes = 0;
+};
+
+namespace topk_detail {
+
+constexpr int kHdr = 8;  // floats per partial header: ref_p, s_p, ref_q, s_q, nan
+
+struct FwdParams {
+  TopkKlForwardArgs a;
+  int splits, seg, kp, cap, groups;
+  bool preselected;
+  float c;        // log2(e)/τ
+  float inv_tau;  // 1/τ (as the CPU kernels round it)
+  uint64_t* ws_key;
+  float* ws_val;
+  float* ws_hdr;
+};
+
+// Tail sums of one row (or segment): s_p = Σ 2^(z·c − ref_p) over v ∉ S~, s_q likewise.
+struct TailSums {
+  float ref_p, s_p, ref_q, s_q;
+  bool nan;
+};
+
+__device__ __forceinline__ void write_masked_row(const TopkKlForwardArgs& a, int64_t n) {
+  const int64_t K1 = a.K1;
+  for (int64_t s = threadIdx.x; s < K1; s += kThreads) {
+    a.idx[n * K1 + s] = -1;
+    a.coef[n * K1 + s] = 0.f;
+  }
+  if (threadIdx.x == 0) {
+    a.out[n] = a.lse[n] = a.shift[n] = 0.f;
+    a.stats[n * 3] = a.stats[n * 3 + 1] = a.stats[n * 3 + 2] = 0.f;
+  }
+}
+
+// From the final S (entry(s, z, zr, j) for s < k, best first) and the tail sums: the
+// log-sum-exps, the K1 terms and every output of row n. All kThreads threads take part.
+template <typename T, typename Entry>
+__device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, const T* zrow,
+                                             const T* qrow, const TailSums& ts, Entry&& entry,
+                                             bool write_idx, float* fs, double* ds) {
+  const TopkKlForwardArgs& a = P.a;
+  const int k = int(a.k), K1 = int(a.K1), tid = threadIdx.x;
+  const float c = P.c;
+  bool bad = ts.nan;
+  int o = -1;
+  if (a.sampled_tokens) {
+    const int64_t t = a.sampled_tokens[n];
+    if (t >= 0 && t < a.V) {
+      o = int(t);
+    } else {
+      bad = true;  // a token out of range poisons its row instead of reading out of bounds
+    }
+  }
+  float zo = 0.f, zro = 0.f;
+  if (o >= 0) {
+    zo = load1(zrow + o);
+    zro = load1(qrow + o);
+  }
+  float zk, zrk;
+  int jk;
+  entry(k - 1, zk, zrk, jk);
+  const bool o_in_S = o >= 0 && make_key(zo, o) >= make_key(zk, jk);
+  const bool o_extra = K1 > k && o >= 0 && !o_in_S;  // o joins S~ as entry k
+  const int nent = k + (o_extra ? 1 : 0);
+  auto get = [&](int s, float& z, float& zr, int& j) {
+    if (s < k) {
+      entry(s, z, zr, j);
+    } else {
+      z = zo;
+      zr = zro;
+      j = o;
+    }
+  };
+
+  // Head terms relative to the row maxima, in double.
+  float mp = ts.ref_p, mq = ts.ref_q;
+  for (int s = tid; s < nent; s += kThreads) {
+    float z, zr;
+    int j;
+    get(s, z, zr, j);
+    mp = fmaxf(mp, z * c);
+    mq = fmaxf(mq, zr * c);
+  }
+  mp = block_max(mp, fs);
+  mq = block_max(mq, fs);
+  const double dc = double(c), dmp = double(mp), dmq = double(mq);
+  double hp = 0.0, hq = 0.0;
+  for (int s = tid; s < nent; s += kThreads) {
+    float z, zr;
+    int j;
+    get(s, z, zr, j);
+    hp += z == -kInf ? 0.0 : exp2(double(z) * dc - dmp);
+    hq += zr == -kInf ? 0.0 : exp2(double(zr) * dc - dmq);
+  }
+  hp = block_sum(hp, ds);
+  hq = block_sum(hq, ds);
+  const double tp_raw = ts.s_p != 0.f ? double(ts.s_p) * exp2(double(ts.ref_p) - dmp) : 0.0;
+  const double tq_raw = ts.s_q != 0.f ? double(ts.s_q) * exp2(double(ts.ref_q) - dmq) : 0.0;
+  double Sp = tp_raw + hp;
+  const double Sq = tq_raw + hq;
+  if (bad) Sp = __longlong_as_double(0x7ff8000000000000LL);
+  const double lse_p = kLn2 * (dmp + log2(Sp)), lse_q = kLn2 * (dmq + log2(Sq));
+  const double cl = dc * kLn2;  // 1/τ exactly as the streaming pass applied it
+
+  double D = 0.0, C = 0.0, m_p = 0.0, m_q = 0.0;
+  for (int s = tid; s < nent; s += kThreads) {
+    float z, zr;
+    int j;
+    get(s, z, zr, j);
+    const double lp = double(z) * cl - lse_p, lq = double(zr) * cl - lse_q;
+    const double p = exp(lp), q = exp(lq);
+    m_p += p;
+    m_q += q;
+    if (p > 0.0) {  // 0 · log 0 counts as 0
+      D += p * (lp - lq);
+      C += p * (lp - lq + 1.0);
+    }
+  }
+  D = block_sum(D, ds);
+  C = block_sum(C, ds);
+  m_p = block_sum(m_p, ds);
+  m_q = block_sum(m_q, ds);
+
+  double lp_o = 0.0, r = 1.0;
+  if (a.sampled_tokens) lp_o = o >= 0 ? double(zo) * cl - lse_p : double(NAN);
+  if (a.old_logprobs) r = exp(lp_o - double(a.old_logprobs[n]));
+  double Tb = 0.0, b = 0.0;  // tail bucket term and its gradient factor
+  if (a.tail_bucket) {
+    const double tp = fmax(tp_raw / Sp, 0.0), tq = fmax(tq_raw / Sq, 0.0);
+    if (tp > 0.0) {
+      const double lr = log(tp) - log(tq);
+      Tb = tp * lr;
+      b = lr + 1.0;
+    }
+    if (Sp != Sp) Tb = Sp;
+  }
+  const double scale = r * double(P.inv_tau);
+
+  int32_t* idx = a.idx + n * K1;
+  float* coef = a.coef + n * K1;
+  for (int s = tid; s < K1; s += kThreads) {
+    if (s >= k && !o_extra) {
+      idx[s] = -1;
+      coef[s] = 0.f;
+      continue;
+    }
+    float z, zr;
+    int j;
+    get(s, z, zr, j);
+    if (write_idx || s >= k) idx[s] = j;
+    const double lp = double(z) * cl - lse_p, lq = double(zr) * cl - lse_q;
+    coef[s] = exp(lp) > 0.0 ? float(scale * (lp - lq + 1.0 - b)) : (bad ? NAN : 0.f);
+  }
+  if (tid == 0) {
+    a.out[n] = float(r * (D + Tb));
+    a.lse[n] = float(lse_p);
+    a.shift[n] = float(scale * (C - m_p * b));
+    a.stats[n * 3] = float(m_p);
+    a.stats[n * 3 + 1] = float(lp_o);
+    a.stats[n * 3 + 2] = float(m_q);
+  }
+}
+
+// 3 CTAs (24 warps) per SM keep enough 16-byte loads in flight for 16-bit rows (80
+// registers, 8 bytes of spill outside the hot loop's loads); fp32 rows hold twice the
+// registers per column pair and get 2 CTAs (checked with --resource-usage).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3) fwd_kernel(const FwdParams P) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float fs[kWarps];
+  __shared__ double ds[kWarps];
+  const TopkKlForwardArgs& a = P.a;
+  const int64_t n = int64_t(blockIdx.x) / P.splits;
+  const int part = int(int64_t(blockIdx.x) % P.splits);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
+  if (a.mask && !a.mask[n]) {  // masked rows are never read
+    if (P.splits == 1) write_masked_row(a, n);
+    return;
+  }
+  const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
+  const T* qrow = row_base<T>(a.ref_logits, a.ref_layout, n);
+  const int V = int(a.V), k = int(a.k), K1 = int(a.K1);
+  const int b = part * P.seg, e = min(V, b + P.seg);
+  const float c = P.c;
+
+  TopkStream st;
+  st.c = c;
+  st.k = k;
+  st.cap = P.cap;
+  if (a.sampled_tokens && K1 > k) {
+    const int64_t t = a.sampled_tokens[n];
+    if (t >= 0 && t < V) st.excl = int(t);
+  }
+  uint64_t* keys = reinterpret_cast<uint64_t*>(smem_raw);
+  float* vals = reinterpret_cast<float*>(keys + kWarps * P.cap);
+  if (P.preselected) {
+    st.fixed = true;
+    const int jk = a.idx[n * K1 + k - 1];
+    const uint64_t kk = make_key(load1(zrow + jk), jk);
+    st.thr_key = kk - 1;  // members: key >= the k-th key
+    st.thr_val = key_value(kk);
+    st.off = st.thr_val * c;
+  } else {
+    st.key = keys + warp * P.cap;
+    st.val = vals + warp * P.cap;
+  }
+
+  // ---- the streaming pass
+  constexpr int N = Vec<T>::N, U = 16 / N;  // 16 elements of z and of zr per lane per step
+  const Span span = make_span(zrow, b, e);
+  const bool qal = is_aligned16(qrow + span.body_b);
+  for (int base = warp * 32 * U; base < span.nvec; base += kWarps * 32 * U) {
+    float z[U * N], zr[U * N];
+    int jb[U];
+    uint32_t vm = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int ci = base + u * 32 + lane;
+      float tz[N], tq[N];
+      if (ci < span.nvec) {
+        jb[u] = span.body_b + ci * N;
+        load_vec(zrow + jb[u], tz);
+        load_vec_any(qrow + jb[u], qal, tq);
+        vm |= ((1u << N) - 1u) << (u * N);
+      } else {
+        jb[u] = -(1 << 30);
+#pragma unroll
+        for (int i = 0; i < N; ++i) tz[i] = tq[i] = -kInf;
+      }
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        z[u * N + i] = tz[i];
+        zr[u * N + i] = tq[i];
+      }
+    }
+    st.process<U, N>(z, zr, jb, vm, lane);
+  }
+  const int nx = span.num_extra(N);  // < 2N <= 16 columns outside the aligned body
+  if (nx > 0 && warp == kWarps - 1) {
+    const int j = lane < nx ? span.extra(lane, N) : -1;
+    float z1[1] = {-kInf}, q1[1] = {-kInf};
+    int jb1[1] = {-(1 << 30)};
+    if (j >= 0) {
+      z1[0] = load1(zrow + j);
+      q1[0] = load1(qrow + j);
+      jb1[0] = j;
+    }
+    st.process<1, 1>(z1, q1, jb1, j >= 0 ? 1u : 0u, lane);
+  }
+  st.finish(lane);
+  __syncthreads();
+
+  // ---- S known in advance: one reference for all lanes' p tails
+  if (P.preselected) {
+    const float sp = block_sum(st.sp, fs);
+    const float mq = block_max(st.q.m, fs);
+    const float sq = block_sum(st.q.scaled(mq), fs);
+    const bool nan = block_any(st.nan, fs);
+    const TailSums ts{st.off, sp, mq, sq, nan};
+    const int32_t* idx = a.idx + n * K1;
+    finalize_row<T>(
+        P, n, zrow, qrow, ts,
+        [&](int s, float& z, float& zr, int& j) {
+          j = idx[s];
+          z = load1(zrow + j);
+          zr = load1(qrow + j);
+        },
+        false, fs, ds);
+    return;
+  }
+
+  // ---- merge the warps' lists; evicted entries join the tails
+  const int KP = P.kp, cap = P.cap;
+  float mp = -kInf;
+  for (int w = 0; w < kWarps; ++w) {
+    const uint64_t kk = keys[w * cap];
+    if (kk != 0) mp = fmaxf(mp, key_value(kk));
+  }
+  mp *= c;  // every element of the segment is <= the best of the warps' lists
+  float mq = st.q.m;
+  for (int t = tid; t < kWarps * KP; t += kThreads) {
+    const int w = t / KP, i = t % KP;
+    if (keys[w * cap + i] != 0) mq = fmaxf(mq, vals[w * cap + i] * c);
+  }
+  mq = block_max(mq, fs);
+  float ep = st.sp != 0.f ? st.sp * ex2(st.off - mp) : 0.f;
+  float eq = st.q.scaled(mq);
+  const int excl = st.excl;
+  auto evict = [&](uint64_t kk, float zrv) {
+    if (key_index(kk) == excl) return;
+    const float zv = key_value(kk);
+    ep += zv == -kInf ? 0.f : ex2(__fmaf_rn(zv, c, -mp));
+    eq += zrv == -kInf ? 0.f : ex2(__fmaf_rn(zrv, c, -mq));
+  };
+  block_merge_groups(keys, vals, cap, kWarps, KP, evict);
+  for (int i = k + tid; i < KP; i += kThreads) {
+    if (keys[i] != 0) evict(keys[i], vals[i]);
+    keys[i] = 0;
+  }
+  const bool nan = block_any(st.nan, fs);  // (its barrier also publishes the zeroing)
+  const TailSums ts{mp, block_sum(ep, fs), mq, block_sum(eq, fs), nan};
+
+  if (P.splits == 1) {
+    finalize_row<T>(
+        P, n, zrow, qrow, ts,
+        [&](int s, float& z, float& zr, int& j) {
+          const uint64_t kk = keys[s];
+          z = key_value(kk);
+          zr = vals[s];
+          j = key_index(kk);
+        },
+        true, fs, ds);
+    return;
+  }
+  // ---- several CTAs per row: hand the partial to the combine kernel
+  const int64_t slot = n * P.splits + part;
+  for (int i = tid; i < KP; i += kThreads) {
+    P.ws_key[slot * KP + i] = keys[i];
+    P.ws_val[slot * KP + i] = vals[i];
+  }
+  if (tid == 0) {
+    float* h = P.ws_hdr + slot * kHdr;
+    h[0] = ts.ref_p;
+    h[1] = ts.s_p;
+    h[2] = ts.ref_q;
+    h[3] = ts.s_q;
+    h[4] = ts.nan ? 1.f : 0.f;
+  }
+}
+
+// One CTA per row: merges the splits' lists and tail sums, then finalizes the row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const FwdParams P) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float fs[kWarps];
+  __shared__ double ds[kWarps];
+  const TopkKlForwardArgs& a = P.a;
+  const int64_t n = blockIdx.x;
+  const int tid = threadIdx.x, k = int(a.k), KP = P.kp, G = P.groups, S = P.splits;
+  if (a.mask && !a.mask[n]) {
+    write_masked_row(a, n);
+    return;
+  }
+  const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
+  const T* qrow = row_base<T>(a.ref_logits, a.ref_layout, n);
+  uint64_t* keys = reinterpret_cast<uint64_t*>(smem_raw);
+  float* vals = reinterpret_cast<float*>(keys + G * KP);
+  const float* hdr = P.ws_hdr + n * S * kHdr;
+  float mp = -kInf, mq = -kInf;
+  bool nan = false;
+  for (int s = 0; s < S; ++s) {
+    mp = fmaxf(mp, hdr[s * kHdr]);
+    mq = fmaxf(mq, hdr[s * kHdr + 2]);
+    nan |= hdr[s * kHdr + 4] != 0.f;
+  }
+  for (int t = tid; t < G * KP; t += kThreads) {
+    const int g = t / KP;
+    keys[t] = g < S ? P.ws_key[(n * S + g) * KP + t % KP] : 0;
+    vals[t] = g < S ? P.ws_val[(n * S + g) * KP + t % KP] : 0.f;
+  }
+  __syncthreads();
+  int excl = -1;
+  if (a.sampled_tokens && a.K1 > a.k) {
+    const int64_t t = a.sampled_tokens[n];
+    if (t >= 0 && t < a.V) excl = int(t);
+  }
+  const float c = P.c;
+  float ep = 0.f, eq = 0.f;
+  auto evict = [&](uint64_t kk, float zrv) {
+    if (key_index(kk) == excl) return;
+    const float zv = key_value(kk);
+    ep += zv == -kInf ? 0.f : ex2(__fmaf_rn(zv, c, -mp));
+    eq += zrv == -kInf ? 0.f : ex2(__fmaf_rn(zrv, c, -mq));
+  };
+  block_merge_groups(keys, vals, KP, G, KP, evict);
+  for (int i = k + tid; i < KP; i += kThreads) {
+    if (keys[i] != 0) evict(keys[i], vals[i]);
+    keys[i] = 0;
+  }
+  float sp = block_sum(ep, fs), sq = block_sum(eq, fs);
+  for (int s = 0; s < S; ++s) {  // same order in every thread
+    const float* h = hdr + s * kHdr;
+    sp += h[1] != 0.f ? h[1] * ex2(h[0] - mp) : 0.f;
+    sq += h[3] != 0.f ? h[3] * ex2(h[2] - mq) : 0.f;
+  }
+  const TailSums ts{mp, sp, mq, sq, nan};
+  finalize_row<T>(
+      P, n, zrow, qrow, ts,
+      [&](int s, float& z, float& zr, int& j) {
+        const uint64_t kk = keys[s];
+        z = key_value(kk);
+        zr = vals[s];
+        j = key_index(kk);
+      },
+      true, fs, ds);
+}
+
+// ------------------------------------------------------------------ backward
+
+struct BwdParams {
+  TopkKlBackwardArgs a;
+  int splits, seg;
+  float c;           // log2(e)/τ
+  bool patch_smem;   // S~ values staged in shared memory (else in ws_patch, [N, K1])
+  float* ws_patch;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
+  extern __shared__ __align__(16) float patch_smem[];
+  const TopkKlBackwardArgs& a = P.a;
+  const int64_t n = int64_t(blockIdx.x) / P.splits;
+  const int part = int(int64_t(blockIdx.x) % P.splits);
+  const int tid = threadIdx.x, V = int(a.V), K1 = int(a.K1);
+  const int b = part * P.seg, e = min(V, b + P.seg);
+  T* grow = static_cast<T*>(a.grad) + a.grad_layout.offset(n);
+  const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
+  if (a.mask && !a.mask[n]) {  // zero gradient; logits not read
+    zero_segment(grow, b, e);
+    return;
+  }
+  const float g = a.grad_out[n], sh = a.shift[n];
+  const float lse2 = a.lse[n] * kLog2e, c = P.c, dense = -g * sh;
+  float* patch = P.patch_smem ? patch_smem : P.ws_patch + n * K1;
+  const int32_t* idx = a.idx + n * K1;
+  const float* coef = a.coef + n * K1;
+
+  // 1. S~ entries of this segment, from z before anything is overwritten.
+  for (int s = tid; s < K1; s += kThreads) {
+    const int j = idx[s];
+    if (j >= b && j < e) {
+      const float p = ex2(__fmaf_rn(load1(zrow + j), c, -lse2));
+      patch[s] = p > 0.f ? g * p * (coef[s] - sh) : 0.f;
+    }
+  }
+  __syncthreads();
+  // 2. dense g·p_j·(−shift)
+  constexpr int N = Vec<T>::N;
+  map_segment<T, false, 4>(zrow, zrow, grow, b, e,
+                           [&](const float (&z)[N], const float (&)[N], int, float (&o)[N]) {
+#pragma unroll
+                             for (int i = 0; i < N; ++i) o[i] = ex2(__fmaf_rn(z[i], c, -lse2)) * dense;
+                           });
+  __syncthreads();  // the patches below must land after the dense writes
+  // 3. the S~ entries
+  for (int s = tid; s < K1; s += kThreads) {
+    const int j = idx[s];
+    if (j >= b && j < e) store1(grow + j, patch[s]);
+  }
+}
+
+template <typename T>
+inline cudaError_t launch_forward(const FwdParams& P, int64_t N, cudaStream_t stream) {
+  const size_t smem = P.preselected ? 0 : size_t(kWarps) * P.cap * 12;
+  cudaError_t err = allow_smem(fwd_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
+  fwd_kernel<T><<<unsigned(N * P.splits), kThreads, smem, stream>>>(P);
+  if (P.splits > 1) {
+    const size_t csmem = size_t(P.groups) * P.kp * 12;
+    err = allow_smem(combine_kernel<T>, csmem);
+    if (err != cudaSuccess) return err;
+    combine_kernel<T><<<unsigned(N), kThreads, csmem, stream>>>(P);
+  }
+  return cudaGetLastError();
+}
+
+constexpr int kPatchSmemMax = 8192;  // S~ entries staged in shared memory (32 KB)
+
+template <typename T>
+inline cudaError_t launch_backward(const BwdParams& P, int64_t N, cudaStream_t stream) {
+  const size_t smem = P.patch_smem ? size_t(P.a.K1) * sizeof(float) : 0;
+  bwd_kernel<T><<<unsigned(N * P.splits), kThreads, smem, stream>>>(P);
+  return cudaGetLastError();
+}
+
+inline bool sizes_ok(int64_t N, int64_t V, int splits) {
+  return V >= 1 && V < (int64_t(1) << 30) && N * splits < int64_t(INT_MAX);
+}
+
+}  // namespace topk_detail
+
+// ---------------------------------------------------------------------- launchers
+
+inline TopkKlForwardPlan topk_kl_forward_plan(const TopkKlForwardArgs& a) {
+  TopkKlForwardPlan p;
+  p.preselected = a.k > kTopkSelectMaxK;
+  p.kp = next_pow2(a.k < 1 ? 1 : (a.k > kTopkSelectMaxK ? 1 : a.k));
+  p.cap = 2 * (p.kp > 32 ? p.kp : 32);
+  p.seg = int(a.V);
+  if (!p.preselected) {
+    // The combine kernel holds next_pow2(splits)·kp entries in shared memory (<= 48 KB).
+    const int max_splits = 4096 / p.kp < 32 ? 4096 / p.kp : 32;
+    const RowSplit rs = plan_row_split(a.N, a.V, max_splits);
+    p.splits = rs.splits;
+    p.seg = rs.seg;
+  }
+  if (p.splits > 1) {
+    const size_t slots = size_t(a.N) * p.splits;
+    p.workspace_bytes = slots * (size_t(p.kp) * 12 + topk_detail::kHdr * sizeof(float));
+  }
+  return p;
+}
+
+// Forward of topk_kl. `workspace` holds plan.workspace_bytes (any alignment of 16).
+// With plan.preselected, idx[n, 0:k] must already hold S of every unmasked row.
+inline cudaError_t topk_kl_forward(const TopkKlForwardArgs& a, const TopkKlForwardPlan& plan,
+                                   void* workspace, cudaStream_t stream) {
+  if (a.N == 0) return cudaSuccess;
+  if (!(a.temperature > 0.f) || a.k < 1 || a.k > a.V || a.K1 < a.k || a.K1 > a.k + 1 ||
+      !topk_detail::sizes_ok(a.N, a.V, plan.splits))
+    return cudaErrorInvalidValue;
+  if (plan.splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  topk_detail::FwdParams P;
+  P.a = a;
+  P.splits = plan.splits;
+  P.seg = plan.seg;
+  P.kp = plan.kp;
+  P.cap = plan.cap;
+  P.groups = next_pow2(plan.splits);
+  P.preselected = plan.preselected;
+  P.c = kLog2e / a.temperature;
+  P.inv_tau = 1.f / a.temperature;
+  const size_t slots = size_t(a.N) * plan.splits;
+  P.ws_key = static_cast<uint64_t*>(workspace);
+  P.ws_val = workspace ? reinterpret_cast<float*>(P.ws_key + slots * plan.kp) : nullptr;
+  P.ws_hdr = workspace ? P.ws_val + slots * plan.kp : nullptr;
+  switch (a.dtype) {
+    case DType::Float32: return topk_detail::launch_forward<float>(P, a.N, stream);
+    case DType::BFloat16: return topk_detail::launch_forward<__nv_bfloat16>(P, a.N, stream);
+    case DType::Float16: return topk_detail::launch_forward<__half>(P, a.N, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Scratch the backward needs: S~ values of rows whose K1 does not fit shared memory.
+inline size_t topk_kl_backward_workspace_bytes(const TopkKlBackwardArgs& a) {
+  return a.K1 > topk_detail::kPatchSmemMax ? size_t(a.N) * a.K1 * sizeof(float) : 0;
+}
+
+// Backward of topk_kl; a.grad may equal a.logits (same layout) for the in-place variant.
+inline cudaError_t topk_kl_backward(const TopkKlBackwardArgs& a, void* workspace,
+                                    cudaStream_t stream) {
+  if (a.N == 0) return cudaSuccess;
+  const RowSplit rs = plan_row_split(a.N, a.V, 64);
+  if (!(a.temperature > 0.f) || !topk_detail::sizes_ok(a.N, a.V, rs.splits))
+    return cudaErrorInvalidValue;
+  topk_detail::BwdParams P;
+  P.a = a;
+  P.splits = rs.splits;
+  P.seg = rs.seg;
+  P.c = kLog2e / a.temperature;
+  P.patch_smem = a.K1 <= topk_detail::kPatchSmemMax;
+  P.ws_patch = static_cast<float*>(workspace);
+  if (!P.patch_smem && workspace == nullptr) return cudaErrorInvalidValue;
+  switch (a.dtype) {
+    case DType::Float32: return topk_detail::launch_backward<float>(P, a.N, stream);
+    case DType::BFloat16: return topk_detail::launch_backward<__nv_bfloat16>(P, a.N, stream);
+    case DType::Float16: return topk_detail::launch_backward<__half>(P, a.N, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace tike::cuda
