@@ -56,10 +56,16 @@ def _extensions():
     # No -std flag: torch.utils.cpp_extension sets the one its headers need (C++20 for
     # recent torch, C++17 for older ones).
     cxx = ["-O3", "-fno-math-errno", "-Wno-psabi", "-DTIKE_HAVE_PYTHON_MODULE"]
+    # at::parallel_for is an inline OpenMP region in ATen's headers: without -fopenmp
+    # it silently runs on one thread.
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     include_dirs = [str(ROOT / "csrc")]
     if cuda_home is None:
         return [CppExtension("tike_cuda._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx})]
+                             extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
     os.environ.setdefault("CUDA_HOME", cuda_home)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -68,7 +74,8 @@ def _extensions():
             "-DTIKE_WITH_CUDA"]
     return [CUDAExtension("tike_cuda._C", sources,
                           include_dirs=include_dirs + _wheel_cuda_includes(),
-                          extra_compile_args={"cxx": cxx + ["-DTIKE_WITH_CUDA"], "nvcc": nvcc})]
+                          extra_compile_args={"cxx": cxx + ["-DTIKE_WITH_CUDA"], "nvcc": nvcc},
+                          extra_link_args=link)]
 
 
 def _cmdclass():

@@ -7,6 +7,10 @@
 
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "kernels/row_layout.h"
 
 namespace tike {
@@ -99,6 +103,23 @@ inline c10::optional<at::Tensor> per_row(const c10::optional<at::Tensor>& t, int
 template <class T>
 inline const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// The N x V gradient: a fresh contiguous tensor of the logits' shape and dtype. On a
+// Linux CPU a large one is asked for transparent huge pages before its first touch:
+// faulting it in 4 KiB at a time costs more than computing the gradient.
+inline at::Tensor empty_grad_like(const at::Tensor& logits) {
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (grad.device().is_cpu() && grad.nbytes() >= 4 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(grad.data_ptr());
+    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (p + grad.nbytes()) & ~(kHuge - 1);
+    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return grad;
 }
 
 inline at::TensorOptions f32_like(const at::Tensor& t) {

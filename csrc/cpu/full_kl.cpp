@@ -48,7 +48,7 @@ at::Tensor full_kl_backward_cpu(const at::Tensor& grad_out, const at::Tensor& lo
   const int64_t N = num_rows(logits);
   const at::Tensor g = grad_out.to(at::kFloat).contiguous();
   const auto m = per_row(mask, N, logits, at::kBool, "mask");
-  at::Tensor grad = at::empty(logits_in.sizes(), logits_in.options());
+  at::Tensor grad = empty_grad_like(logits_in);
   FullKlBackwardArgs a;
   a.grad_out = g.data_ptr<float>();
   a.logits = logits.data_ptr();

@@ -57,7 +57,7 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logp,
     TORCH_CHECK(entropy.numel() == N, "tike_cuda: grad_entropy given but no entropy saved");
     gh = grad_entropy->to(at::kFloat).contiguous();
   }
-  at::Tensor grad = at::empty(logits_in.sizes(), logits_in.options());
+  at::Tensor grad = empty_grad_like(logits_in);
   TokenLogprobsBackwardArgs a;
   a.grad_logp = g.data_ptr<float>();
   a.grad_entropy = ptr_or_null<float>(gh);

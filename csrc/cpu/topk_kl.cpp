@@ -99,7 +99,7 @@ at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_out, const at::Tensor& lo
                                 const at::Tensor& coef, const at::Tensor& shift,
                                 const c10::optional<at::Tensor>& mask, double temperature) {
   const at::Tensor logits = rows_view(logits_in);
-  at::Tensor grad = at::empty(logits_in.sizes(), logits_in.options());
+  at::Tensor grad = empty_grad_like(logits_in);
   topk_kl_backward_into(grad_out, logits, lse, idx, coef, shift, mask, temperature, grad);
   return grad;
 }

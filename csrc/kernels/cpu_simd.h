@@ -1,11 +1,11 @@
 // Torch-free building blocks of the CPU kernels: dtype conversion of a row tile into a
 // float buffer, a vectorized exp, and horizontal reductions in a fixed order.
 //
-// Vectors are GCC/Clang vector extensions (8 floats): the compiler maps them to AVX2
-// in the x86-64-v3 clone of each hot function (TIKE_CPU_HOT) and to SSE pairs in the
-// baseline clone, picked at load time by the CPU it runs on — so one wheel is fast on
-// a modern CPU and still correct on an old one. Every helper here is always_inline so
-// that it is compiled inside each clone.
+// Vectors are GCC/Clang vector extensions (16 floats): the compiler maps them to
+// AVX-512 in the x86-64-v4 clone of each hot function (TIKE_CPU_HOT), to AVX2 pairs in
+// the x86-64-v3 clone and to SSE quads in the baseline one, picked at load time by the
+// CPU it runs on — so one build is fast on a modern CPU and still correct on an old
+// one. Every helper here is always_inline so that it is compiled inside each clone.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -15,7 +15,7 @@
 #include "row_layout.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TIKE_CPU_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define TIKE_CPU_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TIKE_CPU_HOT
 #endif
@@ -23,49 +23,55 @@
 
 namespace tike::cpu {
 
-constexpr int kLanes = 8;
+constexpr int kLanes = 16;
 constexpr int kTile = 2048;  // floats per tile: 8 KiB, stays in L1 between the passes over it
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 TIKE_INLINE vf splat(float x) { return vf{} + x; }
 
-// exp(x) to ~1 ulp for x <= 88 (the kernels only take exp of values <= 0 plus rounding):
-// 2^n · e^r with r = x − n·ln2 in [−ln2/2, ln2/2], a degree-6 polynomial for e^r.
-// exp(−inf) and anything below the float range give exactly 0; NaN stays NaN.
-TIKE_INLINE vf vexp(vf x) {
-  const vf lo = splat(-87.33654f);
-  vf xc = x < lo ? lo : x;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^y to ~2 ulp for y <= 127: 2^n · 2^f with n = round(y), f in [−1/2, 1/2] and a
+// degree-6 polynomial for 2^f. Callers fold log2(e) into their scale, so an exp costs
+// one multiply less than exp(x) would. 2^y below the float range (and y = −inf) is
+// exactly 0; NaN stays NaN.
+TIKE_INLINE vf vexp2(vf y) {
+  const vf lo = splat(-126.f);
+  const vf yc = y < lo ? lo : y;
   const vf magic = splat(12582912.f);  // 1.5·2^23: adding it rounds to an integer
-  vf n = (xc * 1.44269504088896341f + magic) - magic;
-  vf r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.f;
-  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  const vf n = (yc + magic) - magic;
+  const vf f = yc - n;
+  vf p = splat(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &e, sizeof(scale));
-  y = y * scale;
-  return x < lo ? vf{} : y;
+  return y < lo ? vf{} : p * scale;
 }
+
+// exp(x) = 2^(x·log2 e), for the few places that have no scale to fold it into.
+TIKE_INLINE vf vexp(vf x) { return vexp2(x * kLog2e); }
 
 TIKE_INLINE float sexp(float x) {
   vf v = vexp(splat(x));
   return v[0];
 }
 
-TIKE_INLINE float hsum(vf v) {  // fixed pairwise order: reproducible
-  float a = (v[0] + v[4]) + (v[2] + v[6]);
-  float b = (v[1] + v[5]) + (v[3] + v[7]);
-  return a + b;
+TIKE_INLINE float hsum(vf v) {  // fixed pairwise tree: reproducible
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof(t));
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
 }
 TIKE_INLINE float hmax(vf v) {
   float m = v[0];
@@ -79,6 +85,8 @@ TIKE_INLINE vf load(const float* p) {
   return v;
 }
 TIKE_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+TIKE_INLINE int64_t elem_size(DType dt) { return dt == DType::Float32 ? 4 : 2; }
 
 // ---- scalar dtype conversion ------------------------------------------------------------
 TIKE_INLINE float bf16_to_float(uint16_t b) {
@@ -125,6 +133,27 @@ TIKE_INLINE void load_tile(const void* row, DType dt, int64_t j0, int n, float* 
   for (int i = n; i % kLanes; ++i) buf[i] = pad;
 }
 
+// The floats of elements [j0, j0 + n) of a row, padded to a multiple of kLanes: the row
+// itself for a full float32 tile (no staging copy), else converted into buf.
+TIKE_INLINE const float* tile_src(const void* row, DType dt, int64_t j0, int n, float* buf,
+                                  float pad = -kInf) {
+  if (dt == DType::Float32 && n % kLanes == 0) return static_cast<const float*>(row) + j0;
+  load_tile(row, dt, j0, n, buf, pad);
+  return buf;
+}
+
+// Where a kernel computes the floats of output elements [j0, j0 + n): straight into a
+// float32 row when the tile needs no padding, else into buf (then store_tile).
+TIKE_INLINE float* tile_dst(void* row, DType dt, int64_t j0, int n, float* buf) {
+  if (dt == DType::Float32 && n % kLanes == 0) return static_cast<float*>(row) + j0;
+  return buf;
+}
+TIKE_INLINE void store_tile(void* row, DType dt, int64_t j0, int n, const float* buf);
+TIKE_INLINE void finish_tile(void* row, DType dt, int64_t j0, int n, const float* dst,
+                             const float* buf) {
+  if (dst == buf) store_tile(row, dt, j0, n, buf);
+}
+
 // Writes buf[0, n) as elements [j0, j0 + n) of a row of dtype dt (rounded once).
 TIKE_INLINE void store_tile(void* row, DType dt, int64_t j0, int n, const float* buf) {
   switch (dt) {
@@ -142,8 +171,6 @@ TIKE_INLINE void store_tile(void* row, DType dt, int64_t j0, int n, const float*
     }
   }
 }
-
-TIKE_INLINE int64_t elem_size(DType dt) { return dt == DType::Float32 ? 4 : 2; }
 
 TIKE_INLINE const void* row_ptr(const void* base, DType dt, const RowLayout& l, int64_t n) {
   return static_cast<const char*>(base) + l.offset(n) * elem_size(dt);
@@ -169,7 +196,8 @@ TIKE_INLINE float tile_max(const float* buf, int n, bool& nan) {
 TIKE_INLINE float tile_sumexp(const float* buf, int n, float M, float s) {
   vf acc = vf{};
   const vf vM = splat(M);
-  for (int i = 0; i < n; i += kLanes) acc += vexp((load(buf + i) - vM) * s);
+  const float c = s * kLog2e;
+  for (int i = 0; i < n; i += kLanes) acc += vexp2((load(buf + i) - vM) * c);
   return hsum(acc);
 }
 

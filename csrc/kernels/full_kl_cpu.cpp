@@ -26,10 +26,10 @@ TIKE_INLINE void forward_row(const FullKlForwardArgs& a, int64_t r, float* zb, f
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
     const int npad = (n + kLanes - 1) / kLanes * kLanes;
-    load_tile(zrow, a.dtype, j0, n, zb);
-    load_tile(qrow, a.dtype, j0, n, qb);
-    lq.add_tile(qb, npad, s);
-    const float tm = tile_max(zb, npad, lp.nan);
+    const float* z = tile_src(zrow, a.dtype, j0, n, zb);
+    const float* q = tile_src(qrow, a.dtype, j0, n, qb);
+    lq.add_tile(q, npad, s);
+    const float tm = tile_max(z, npad, lp.nan);
     if (tm > lp.M) {
       const double f = std::exp(double(lp.M - tm) * s);
       if (lp.S != 0.0) lp.S *= f;
@@ -38,12 +38,13 @@ TIKE_INLINE void forward_row(const FullKlForwardArgs& a, int64_t r, float* zb, f
     }
     if (!(lp.M > -kInf)) continue;
     const vf vM = splat(lp.M);
+    const float c = s * kLog2e;
     vf se = vf{}, sc = vf{};
     for (int i = 0; i < npad; i += kLanes) {
-      const vf z = load(zb + i), e = vexp((z - vM) * s);
+      const vf zi = load(z + i), e = vexp2((zi - vM) * c);
       se += e;
       // e = 0 terms (z = −inf) count 0 even where zr = −inf too
-      sc += e > 0.f ? e * ((z - load(qb + i)) * s) : vf{};
+      sc += e > 0.f ? e * ((zi - load(q + i)) * s) : vf{};
     }
     lp.S += hsum(se);
     cross += hsum(sc);
@@ -65,18 +66,19 @@ TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb,
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
     const int npad = (n + kLanes - 1) / kLanes * kLanes;
+    float* out = tile_dst(grow, a.dtype, j0, n, zb);
     if (skip) {  // masked rows: zero gradient, inputs not read
-      std::fill(zb, zb + n, 0.f);
+      std::fill(out, out + n, 0.f);
     } else {
-      load_tile(zrow, a.dtype, j0, n, zb);
-      load_tile(qrow, a.dtype, j0, n, qb, 0.f);
+      const float* z = tile_src(zrow, a.dtype, j0, n, zb);
+      const float* q = tile_src(qrow, a.dtype, j0, n, qb, 0.f);
       for (int i = 0; i < npad; i += kLanes) {
-        const vf z = load(zb + i), p = vexp(z * s - vlp);
-        const vf g = p * ((z - load(qb + i)) * s - dl) * gs;  // p_j (L_j − KL) g/τ
-        store(zb + i, p > 0.f ? g : vf{});
+        const vf zi = load(z + i), p = vexp(zi * s - vlp);
+        const vf g = p * ((zi - load(q + i)) * s - dl) * gs;  // p_j (L_j − KL) g/τ
+        store(out + i, p > 0.f ? g : vf{});
       }
     }
-    store_tile(grow, a.dtype, j0, n, zb);
+    finish_tile(grow, a.dtype, j0, n, out, zb);
   }
 }
 

@@ -20,12 +20,12 @@ TIKE_INLINE void forward_row(const TokenLogprobsForwardArgs& a, int64_t r, float
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
     const int npad = (n + kLanes - 1) / kLanes * kLanes;
-    load_tile(zrow, a.dtype, j0, n, zb);
+    const float* z = tile_src(zrow, a.dtype, j0, n, zb);
     if (!a.entropy) {
-      lp.add_tile(zb, npad, s);
+      lp.add_tile(z, npad, s);
       continue;
     }
-    const float tm = tile_max(zb, npad, lp.nan);
+    const float tm = tile_max(z, npad, lp.nan);
     if (tm > lp.M) {
       // Moving the max from M to M': e' = e·f and (z − M') = (z − M) + (M − M').
       const double f = std::exp(double(lp.M - tm) * s);
@@ -37,7 +37,7 @@ TIKE_INLINE void forward_row(const TokenLogprobsForwardArgs& a, int64_t r, float
     const vf vM = splat(lp.M);
     vf se = vf{}, sr = vf{};
     for (int i = 0; i < npad; i += kLanes) {
-      const vf d = (load(zb + i) - vM) * s, e = vexp(d);
+      const vf d = (load(z + i) - vM) * s, e = vexp(d);
       se += e;
       sr += e > 0.f ? e * d : vf{};
     }
@@ -62,15 +62,16 @@ TIKE_INLINE void backward_row(const TokenLogprobsBackwardArgs& a, int64_t r, flo
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
     const int npad = (n + kLanes - 1) / kLanes * kLanes;
-    load_tile(zrow, a.dtype, j0, n, zb);
+    const float* z = tile_src(zrow, a.dtype, j0, n, zb);
+    float* out = tile_dst(grow, a.dtype, j0, n, zb);
     // −(1/τ) p_j [g_lp + g_H (log p_j + H)]; the token's +g_lp/τ is added below
     for (int i = 0; i < npad; i += kLanes) {
-      const vf lpj = load(zb + i) * s - vl, p = vexp(lpj);
+      const vf lpj = load(z + i) * s - vl, p = vexp(lpj);
       const vf gj = p * (g_h * (lpj + H) + g_lp) * -s;
-      store(zb + i, p > 0.f ? gj : vf{});
+      store(out + i, p > 0.f ? gj : vf{});
     }
-    if (tok >= j0 && tok < j0 + n) zb[tok - j0] += g_lp * s;
-    store_tile(grow, a.dtype, j0, n, zb);
+    if (tok >= j0 && tok < j0 + n) out[tok - j0] += g_lp * s;
+    finish_tile(grow, a.dtype, j0, n, out, zb);
   }
 }
 

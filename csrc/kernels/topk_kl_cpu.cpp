@@ -87,7 +87,7 @@ TIKE_INLINE float scan_policy_row(const void* zrow, DType dt, int64_t V, float s
   for (int64_t j0 = 0; j0 < V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, V - j0));
     const int npad = (n + kLanes - 1) / kLanes * kLanes;
-    load_tile(zrow, dt, j0, n, buf);
+    const float* x = tile_src(zrow, dt, j0, n, buf);
     // Block maxima give both the tile max and the blocks the top-k must look at.
     vf tmax = splat(-kInf);
     vi bad = vi{};
@@ -95,9 +95,9 @@ TIKE_INLINE float scan_policy_row(const void* zrow, DType dt, int64_t V, float s
     for (int b = 0; b < nblocks; ++b) {
       vf m = splat(-kInf);
       for (int i = b * kBlock; i < std::min(npad, (b + 1) * kBlock); i += kLanes) {
-        vf x = load(buf + i);
-        m = vmax(m, x);
-        bad |= (x != x);
+        const vf v = load(x + i);
+        m = vmax(m, v);
+        bad |= (v != v);
       }
       bmax[b] = hmax(m);
       tmax = vmax(tmax, m);
@@ -108,14 +108,14 @@ TIKE_INLINE float scan_policy_row(const void* zrow, DType dt, int64_t V, float s
       if (lse.S != 0.0) lse.S *= std::exp(double(lse.M - tm) * s);
       lse.M = tm;
     }
-    if (lse.M > -kInf) lse.S += tile_sumexp(buf, npad, lse.M, s);
+    if (lse.M > -kInf) lse.S += tile_sumexp(x, npad, lse.M, s);
 
     for (int b = 0; b < nblocks; ++b) {
       if (topk.full() && !(bmax[b] > topk.threshold())) continue;
       const int end = std::min(n, (b + 1) * kBlock);
       for (int i = b * kBlock; i < end; ++i) {
-        const float x = buf[i];
-        topk.offer(x == x ? x : -kInf, int32_t(j0 + i));  // NaN ranks as −inf
+        const float v = x[i];
+        topk.offer(v == v ? v : -kInf, int32_t(j0 + i));  // NaN ranks as −inf
       }
     }
   }
@@ -140,12 +140,12 @@ TIKE_INLINE RefPass scan_reference_row(const void* zrow, const void* qrow, DType
   for (int64_t j0 = 0; j0 < V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, V - j0));
     const int npad = (n + kLanes - 1) / kLanes * kLanes;
-    load_tile(qrow, dt, j0, n, qb);
+    const float* q = tile_src(qrow, dt, j0, n, qb);
     if (!tail) {
-      lq.add_tile(qb, npad, s);
+      lq.add_tile(q, npad, s);
       continue;
     }
-    const float tm = tile_max(qb, npad, lq.nan);
+    const float tm = tile_max(q, npad, lq.nan);
     if (tm > lq.M) {
       const double f = std::exp(double(lq.M - tm) * s);
       if (lq.S != 0.0) lq.S *= f;
@@ -153,11 +153,12 @@ TIKE_INLINE RefPass scan_reference_row(const void* zrow, const void* qrow, DType
       lq.M = tm;
     }
     if (!(lq.M > -kInf)) continue;
-    load_tile(zrow, dt, j0, n, zb);
+    const float* z = tile_src(zrow, dt, j0, n, zb);
     const vf vM = splat(lq.M), vl = splat(lse_p);
-    for (int i = 0; i < npad; i += kLanes) {
-      store(qb + i, vexp((load(qb + i) - vM) * s));
-      store(zb + i, vexp(load(zb + i) * s - vl));
+    const float c = s * kLog2e;
+    for (int i = 0; i < npad; i += kLanes) {  // q and p terms into the scratch tiles
+      store(qb + i, vexp2((load(q + i) - vM) * c));
+      store(zb + i, vexp((load(z + i) * s - vl)));
     }
     vf all_q = vf{};
     for (int i = 0; i < npad; i += kLanes) all_q += load(qb + i);
@@ -268,17 +269,18 @@ TIKE_INLINE void backward_row(const TopkKlBackwardArgs& a, int64_t r, Scratch& s
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
     const int npad = (n + kLanes - 1) / kLanes * kLanes;
-    load_tile(zrow, a.dtype, j0, n, buf);
+    const float* x = tile_src(zrow, a.dtype, j0, n, buf);
+    float* out = tile_dst(grow, a.dtype, j0, n, buf);
     // S~ entries take g · p_j · (coef − shift) from their own logit, read before the
     // dense pass overwrites it; rounding to the output dtype happens once.
     const size_t first = sup;
     for (; sup < sc.support.size() && sc.support[sup].first < j0 + n; ++sup) {
-      const float p = sexp(buf[sc.support[sup].first - j0] * s - lse);
+      const float p = sexp(x[sc.support[sup].first - j0] * s - lse);
       patch[sup - first] = p > 0.f ? g * p * (coef[sc.support[sup].second] - sh) : 0.f;
     }
-    for (int i = 0; i < npad; i += kLanes) store(buf + i, vexp(load(buf + i) * s - vl) * dense);
-    for (size_t e = first; e < sup; ++e) buf[sc.support[e].first - j0] = patch[e - first];
-    store_tile(grow, a.dtype, j0, n, buf);
+    for (int i = 0; i < npad; i += kLanes) store(out + i, vexp(load(x + i) * s - vl) * dense);
+    for (size_t e = first; e < sup; ++e) out[sc.support[e].first - j0] = patch[e - first];
+    finish_tile(grow, a.dtype, j0, n, out, buf);
   }
 }
 
