@@ -1,0 +1,501 @@
+"""Benchmark harness: tike_cuda's fused ops against eager PyTorch, torch.compile and Liger.
+
+    python -m tike_cuda bench --preset cpu --out bench_results
+    python -m tike_cuda bench --preset gpu --ops topk_kl --providers tike_cuda,compile
+
+Each case (op, mode, N, V, k, dtype) is timed per provider: ``--warmup`` untimed calls,
+then ``--repeats`` timed ones, reported as median (p50), p20 and p80. Inputs are made
+once per shape, outside any timed region. On CUDA each call is timed with CUDA events
+after flushing L2 (a memset of twice its size); on CPU with time.perf_counter (CPU ops
+are synchronous). Modes: ``fwd`` is a forward without autograd (inputs do not require
+grad); ``fwdbwd`` is forward plus ``torch.autograd.grad`` of the logits.
+
+Byte floor (design.md §5): the fewest bytes an op must move, in passes over one
+[N, V] array of the input dtype — topk_kl fwd 2 (z, zr), fwd+bwd 4 (z, zr, z again,
+grad); full_kl 2 and 5 (its backward re-reads zr); token_logprobs 1 and 3. GBps is
+those bytes over p50; floor_frac is (bytes / copy bandwidth) / p50, where the copy
+bandwidth (read + write bytes per second of a large ``copy_``, median) is measured in
+the same run: 1.0 would be copy speed.
+
+peak_extra_MiB is measured on one extra, untimed call. CUDA: torch.cuda.max_memory_allocated
+minus the allocation before the call (outputs and gradients included). CPU: growth of
+the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the
+resident set before the call — memory the allocator newly touched; NaN where the reset
+is not allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import eager
+
+OPS = ("topk_kl", "full_kl", "token_logprobs")
+MODES = ("fwd", "fwdbwd")
+PROVIDERS = ("tike_cuda", "eager", "compile", "liger")
+PASSES = {("topk_kl", "fwd"): 2, ("topk_kl", "fwdbwd"): 4,
+          ("full_kl", "fwd"): 2, ("full_kl", "fwdbwd"): 5,
+          ("token_logprobs", "fwd"): 1, ("token_logprobs", "fwdbwd"): 3}
+COLUMNS = ["op", "provider", "mode", "N", "V", "k", "dtype", "device", "p50_ms", "p20_ms",
+           "p80_ms", "GBps", "floor_frac", "peak_extra_MiB", "date", "torch", "cuda", "gpu",
+           "copy_GBps", "host"]
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# Rough [N, V]-sized temporaries of a fwd+bwd beyond the two inputs, to skip cases that
+# cannot fit (eager: log_p, log_q, exp, grads of log_softmax ...).
+EXTRA_TENSORS = {"tike_cuda": 1, "eager": 6, "compile": 3, "liger": 4}
+
+K_SWEEP = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    mode: str
+    N: int
+    V: int
+    k: int  # 0 where the op has no k
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def nbytes(self) -> int:
+        elt = torch.empty((), dtype=self.torch_dtype).element_size()
+        return PASSES[(self.op, self.mode)] * self.N * self.V * elt
+
+
+# A grid is (ops, Ns, Vs, ks, dtypes); a preset is grids plus run settings.
+PRESETS = {
+    "smoke": dict(device="cpu", providers=["tike_cuda", "eager"], repeats=3, warmup=1,
+                  grids=[(OPS, [8], [512], [1, 4], ["fp32"])]),
+    "cpu": dict(device="cpu", providers=["tike_cuda", "eager", "compile"], repeats=5, warmup=1,
+                grids=[(OPS, [256], [151936], [1, 4, 16, 64, 256], ["fp32"])]),
+    "gpu": dict(device="cuda", providers=list(PROVIDERS), repeats=20, warmup=3,
+                grids=[(["topk_kl"], [16384], [151936], K_SWEEP, ["bf16"]),
+                       (OPS, [1024, 4096, 16384, 65536], [32000, 128256, 151936], [16], ["bf16"])]),
+}
+
+
+def make_cases(grids, modes) -> List[Case]:
+    seen, cases = set(), []
+    for ops, Ns, Vs, ks, dtypes in grids:
+        for dtype in dtypes:
+            for N in Ns:
+                for V in Vs:
+                    for op in ops:
+                        for mode in modes:
+                            for k in (ks if op == "topk_kl" else [0]):
+                                c = Case(op, mode, N, V, k, dtype)
+                                if k <= V and c not in seen:
+                                    seen.add(c)
+                                    cases.append(c)
+    # Grouped by shape so that each input pair is made once.
+    return sorted(cases, key=lambda c: (c.dtype, c.N, c.V))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass
+class Inputs:
+    z: torch.Tensor
+    zr: torch.Tensor
+    tokens: torch.Tensor
+    old_lp: torch.Tensor
+    grad_out: torch.Tensor
+
+
+def make_inputs(N: int, V: int, dtype: torch.dtype, device: torch.device) -> Inputs:
+    """z ~ N(0, 2²), zr = z + N(0, 0.5²): a policy close to its reference, as in RL."""
+    g = torch.Generator(device=device).manual_seed(0)
+    z = torch.empty(N, V, dtype=dtype, device=device)
+    zr = torch.empty_like(z)
+    step = max(1, (1 << 26) // V)  # float32 temporaries of at most 256 MiB
+    for i in range(0, N, step):
+        a = torch.randn(min(step, N - i), V, generator=g, device=device) * 2
+        z[i:i + step] = a
+        zr[i:i + step] = a + 0.5 * torch.randn(a.shape, generator=g, device=device)
+    tokens = torch.randint(0, V, (N,), generator=g, device=device)
+    old_lp = -2 - torch.rand(N, generator=g, device=device)
+    return Inputs(z, zr, tokens, old_lp, torch.ones(N, device=device))
+
+
+# ----------------------------------------------------------------------------- providers
+
+class Skip(Exception):
+    """A provider that cannot run a case; the message says why."""
+
+
+def _tike_fns():
+    try:
+        import tike_cuda
+        return {"topk_kl": tike_cuda.topk_kl, "full_kl": tike_cuda.full_kl,
+                "token_logprobs": tike_cuda.token_logprobs}
+    except (ImportError, AttributeError) as e:
+        raise Skip(f"tike_cuda ops unavailable ({e})") from e
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def _compiled_fns():
+    if not _COMPILED:
+        cfg = torch._dynamo.config
+        # One graph per (shape, k): allow the whole sweep without falling back to eager.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 256))
+        for op in OPS:
+            _COMPILED[op] = torch.compile(getattr(eager, op), dynamic=False)
+    return _COMPILED
+
+
+def _liger_fn(case: Case, device: torch.device):
+    if device.type != "cuda":
+        raise Skip("liger: Triton kernels, CUDA only")
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+    except ImportError as e:
+        raise Skip(f"liger: liger_kernel not importable ({e})") from e
+    if case.op == "token_logprobs":
+        ce = LigerCrossEntropyLoss(reduction="none")
+        return lambda z, zr, inp: -ce(z, inp.tokens)
+    if case.op == "full_kl":
+        # Closest Liger kernel: KLDivLoss on log-probs from an eager log_softmax. It
+        # differentiates its first argument only, so this is KL(q || p) — same traffic
+        # class as full_kl, not the same gradient.
+        kl = LigerKLDIVLoss(reduction="none", log_target=True)
+        return lambda z, zr, inp: kl(torch.log_softmax(z, -1),
+                                     torch.log_softmax(zr, -1)).sum(-1)
+    raise Skip("liger: no Liger kernel computes a top-k KL")
+
+
+def build_call(provider: str, case: Case, inp: Inputs, device: torch.device) -> Callable:
+    """A no-argument callable running one forward (and backward) of `case`."""
+    k = case.k
+    if provider in ("tike_cuda", "eager", "compile"):
+        fns = {"tike_cuda": _tike_fns, "eager": lambda: {o: getattr(eager, o) for o in OPS},
+               "compile": _compiled_fns}[provider]()
+        f = fns[case.op]
+        if case.op == "topk_kl":
+            fwd = lambda z, zr, i: f(z, zr, k, sampled_tokens=i.tokens, old_logprobs=i.old_lp)
+        elif case.op == "full_kl":
+            fwd = lambda z, zr, i: f(z, zr)
+        else:
+            fwd = lambda z, zr, i: f(z, i.tokens)
+    elif provider == "liger":
+        fwd = _liger_fn(case, device)
+    else:
+        raise Skip(f"unknown provider {provider!r}")
+
+    z = inp.z
+    if provider == "liger" and case.mode == "fwdbwd":
+        z = z.clone()  # Liger writes the gradient into the logits buffer
+    if case.mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return fwd(z, inp.zr, inp)
+        return call
+    leaf = z.detach().requires_grad_(True)
+
+    def call():
+        out = fwd(leaf, inp.zr, inp)
+        return torch.autograd.grad(out, leaf, inp.grad_out)[0]
+    return call
+
+
+# ----------------------------------------------------------------------------- measuring
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.flush = None
+        if device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+            self.flush = torch.empty(2 * max(l2, 1 << 20), dtype=torch.uint8, device=device)
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+
+    def times_ms(self, fn: Callable, warmup: int, repeats: int) -> List[float]:
+        for _ in range(warmup):
+            out = fn()
+            del out
+        self.sync()
+        ts = []
+        for _ in range(repeats):
+            if self.flush is not None:
+                self.flush.zero_()
+                self.start.record()
+                out = fn()
+                self.end.record()
+                self.end.synchronize()
+                ts.append(self.start.elapsed_time(self.end))
+            else:
+                t0 = time.perf_counter()
+                out = fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            del out  # freed outside the timed region
+        return ts
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def percentile(xs: List[float], q: float) -> float:
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def copy_bandwidth(timer: Timer, nbytes: int) -> float:
+    """Read + write bytes per second of dst.copy_(src), median of 10."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=timer.device)
+    dst = torch.zeros_like(src)
+    ts = timer.times_ms(lambda: dst.copy_(src), warmup=2, repeats=10)
+    return 2 * nbytes / (percentile(ts, 0.5) * 1e-3)
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: VmHWM := VmRSS
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_mib(fn: Callable, device: torch.device) -> float:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del out
+        return (peak - base) / 2**20
+    if not _reset_peak_rss():
+        return float("nan")
+    base = _proc_status_kib("VmRSS")
+    out = fn()
+    peak = _proc_status_kib("VmHWM")
+    del out
+    return max(peak - base, 0) / 1024
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return _proc_status_meminfo("MemAvailable") * 1024
+    except OSError:
+        return 1 << 62
+
+
+def _proc_status_meminfo(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "cuda": torch.version.cuda or "",
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+            "host": f"{cpu} ({torch.get_num_threads()} threads)"}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run(cases: List[Case], providers: List[str], device: torch.device, warmup: int,
+        repeats: int, progress: bool = True) -> Tuple[List[dict], List[str]]:
+    """Measures every (case, provider); returns CSV rows and notes on what was skipped."""
+    timer = Timer(device)
+    env = environment(device)
+    copy_bytes = (2 << 30) if device.type == "cuda" else (512 << 20)
+    copy_bytes = min(copy_bytes, available_bytes(device) // 8)
+    copy_bw = copy_bandwidth(timer, copy_bytes)
+    budget = available_bytes(device)
+    rows, notes = [], []
+    inp, inp_key = None, None
+    bar = _progress(len(cases) * len(providers), progress)
+    for case in cases:
+        key = (case.N, case.V, case.dtype)
+        elt = torch.empty((), dtype=case.torch_dtype).element_size()
+        nv = case.N * case.V * elt
+        for provider in providers:
+            bar.set_description(f"{case.op} {case.mode} N={case.N} V={case.V} k={case.k} {provider}")
+            bar.update(1)
+            if (2 + EXTRA_TENSORS[provider]) * nv > 0.85 * budget:
+                notes.append(f"skip {provider} {case}: would not fit in memory")
+                continue
+            if inp_key != key:
+                inp = None  # free the previous shape first
+                gc.collect()
+                inp, inp_key = make_inputs(case.N, case.V, case.torch_dtype, device), key
+            try:
+                fn = build_call(provider, case, inp, device)
+                ts = timer.times_ms(fn, warmup, repeats)
+                mem = peak_extra_mib(fn, device)
+            except Skip as e:
+                notes.append(f"skip {provider} {case.op}: {e}")
+                continue
+            except (RuntimeError, ValueError, TypeError) as e:  # e.g. out of memory
+                notes.append(f"error {provider} {case}: {type(e).__name__}: {str(e)[:200]}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            p50 = percentile(ts, 0.5)
+            floor_ms = case.nbytes() / copy_bw * 1e3
+            rows.append({"op": case.op, "provider": provider, "mode": case.mode, "N": case.N,
+                         "V": case.V, "k": case.k, "dtype": case.dtype, "device": device.type,
+                         "p50_ms": p50, "p20_ms": percentile(ts, 0.2),
+                         "p80_ms": percentile(ts, 0.8), "GBps": case.nbytes() / p50 / 1e6,
+                         "floor_frac": floor_ms / p50, "peak_extra_MiB": mem,
+                         **env, "copy_GBps": copy_bw / 1e9})
+    bar.close()
+    return rows, sorted(set(notes), key=notes.index)
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    except ImportError:
+        class _Bar:
+            def update(self, n): pass
+            def set_description(self, s): pass
+            def close(self): pass
+        return _Bar()
+
+
+def write_csv(rows: List[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c]) for c in COLUMNS})
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """The results as a Markdown table, with each time's ratio to the tike_cuda time."""
+    ref = {(r["op"], r["mode"], r["N"], r["V"], r["k"], r["dtype"]): r["p50_ms"]
+           for r in rows if r["provider"] == "tike_cuda"}
+    out = ["| op | mode | N | V | k | dtype | provider | p50 ms (p20–p80) | × tike_cuda "
+           "| GB/s | floor frac | peak extra MiB |", "|" + "---|" * 12]
+    for r in rows:
+        base = ref.get((r["op"], r["mode"], r["N"], r["V"], r["k"], r["dtype"]))
+        ratio = f"{r['p50_ms'] / base:.2f}" if base else "—"
+        out.append(f"| {r['op']} | {r['mode']} | {r['N']} | {r['V']} | {r['k'] or '—'} "
+                   f"| {r['dtype']} | {r['provider']} | {r['p50_ms']:.2f} ({r['p20_ms']:.2f}–"
+                   f"{r['p80_ms']:.2f}) | {ratio} | {r['GBps']:.1f} | {r['floor_frac']:.3f} "
+                   f"| {r['peak_extra_MiB']:.0f} |")
+    return "\n".join(out)
+
+
+def _csv_list(s: Optional[str], cast=str) -> Optional[list]:
+    return None if s is None else [cast(x) for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tike_cuda bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="shape set and settings (default: gpu when CUDA is available, else cpu)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the preset's")
+    p.add_argument("--ops", help=f"comma list of {','.join(OPS)}")
+    p.add_argument("--providers", help=f"comma list of {','.join(PROVIDERS)}")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd,fwdbwd")
+    p.add_argument("--N", help="rows, comma list (replaces the preset's shapes)")
+    p.add_argument("--V", help="vocabulary sizes, comma list")
+    p.add_argument("--k", help="top-k values, comma list")
+    p.add_argument("--dtype", help="fp32,bf16,fp16")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    p.add_argument("--out", default="bench_results", help="directory for results.csv and plots")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    preset = PRESETS[a.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
+    device = torch.device(a.device or preset["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ops = _csv_list(a.ops) or list(OPS)
+    modes = _csv_list(a.modes)
+    providers = _csv_list(a.providers) or preset["providers"]
+    for name, given, allowed in (("op", ops, OPS), ("mode", modes, MODES),
+                                 ("provider", providers, PROVIDERS)):
+        bad = [x for x in given if x not in allowed]
+        if bad:
+            print(f"bench: unknown {name} {bad}; choose from {list(allowed)}", file=sys.stderr)
+            return 2
+    if any(x is not None for x in (a.N, a.V, a.k, a.dtype)):
+        g0 = preset["grids"][-1]
+        grids = [(ops, _csv_list(a.N, int) or g0[1], _csv_list(a.V, int) or g0[2],
+                  _csv_list(a.k, int) or g0[3], _csv_list(a.dtype) or g0[4])]
+    else:
+        grids = [([o for o in g[0] if o in ops],) + tuple(g[1:]) for g in preset["grids"]]
+    cases = make_cases(grids, modes)
+    rows, notes = run(cases, providers, device, a.warmup if a.warmup is not None else preset["warmup"],
+                      a.repeats or preset["repeats"], progress=not a.no_progress)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "results.csv")
+    (out / "notes.txt").write_text("\n".join(notes) + ("\n" if notes else ""))
+    print(markdown_table(rows))
+    if rows:
+        print(f"\ncopy bandwidth {rows[0]['copy_GBps']:.1f} GB/s; {rows[0]['host']}; "
+              f"torch {rows[0]['torch']}")
+    for n in notes:
+        print("note:", n)
+    if not a.no_plot and rows:
+        from .bench_plot import plot_csv
+        for path in plot_csv(out / "results.csv", out):
+            print("wrote", path)
+    print("wrote", out / "results.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
