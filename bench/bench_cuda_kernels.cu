@@ -228,22 +228,25 @@ void BM_topk_kl(benchmark::State& s, Op op, int64_t N, int64_t V, int64_t k, DTy
   f.sampled_tokens = p.tokens.as<int64_t>(), f.old_logprobs = p.old_lp.as<float>();
   f.out = out.as<float>(), f.lse = lse.as<float>(), f.idx = idx.as<int32_t>();
   f.coef = coef.as<float>(), f.shift = shift.as<float>(), f.stats = stats.as<float>();
-  std::unique_ptr<DeviceBuffer> grad;
+  const tike::cuda::TopkKlForwardPlan plan = tike::cuda::topk_kl_forward_plan(f);
+  DeviceBuffer fwd_ws(plan.workspace_bytes);
+  cudaStream_t st = device().stream;
+  std::unique_ptr<DeviceBuffer> grad, bwd_ws;
   TopkKlBackwardArgs b;
   if (op != Op::TopkFwd) {
     grad = std::make_unique<DeviceBuffer>(p.pass_bytes());
-    CHECK_CUDA(cuda::topk_kl_forward(f, device().stream));
+    CHECK_CUDA(tike::cuda::topk_kl_forward(f, plan, fwd_ws.p, st));
     b.grad_out = g.as<float>(), b.logits = f.logits;
     b.logits_layout = b.grad_layout = f.logits_layout;
     b.dtype = d, b.N = N, b.V = V, b.K1 = K1;
     b.lse = f.lse, b.idx = f.idx, b.coef = f.coef, b.shift = f.shift;
     b.grad = grad->p;
+    bwd_ws = std::make_unique<DeviceBuffer>(tike::cuda::topk_kl_backward_workspace_bytes(b));
   }
-  cudaStream_t st = device().stream;
   run_timed(s, op, p, [&] {
     cudaError_t e = cudaSuccess;
-    if (op != Op::TopkBwd) e = cuda::topk_kl_forward(f, st);
-    if (e == cudaSuccess && op != Op::TopkFwd) e = cuda::topk_kl_backward(b, st);
+    if (op != Op::TopkBwd) e = tike::cuda::topk_kl_forward(f, plan, fwd_ws.p, st);
+    if (e == cudaSuccess && op != Op::TopkFwd) e = tike::cuda::topk_kl_backward(b, bwd_ws->p, st);
     return e;
   });
 }
@@ -259,7 +262,8 @@ void BM_full_kl(benchmark::State& s, Op op, int64_t N, int64_t V, DType d) {
   f.dtype = d, f.N = N, f.V = V;
   f.out = out.as<float>(), f.lse_p = lse_p.as<float>(), f.lse_q = lse_q.as<float>();
   cudaStream_t st = device().stream;
-  CHECK_CUDA(cuda::full_kl_forward(f, st));
+  DeviceBuffer ws(tike::cuda::full_kl_forward_workspace_bytes(f));
+  CHECK_CUDA(tike::cuda::full_kl_forward(f, ws.p, st));
   std::unique_ptr<DeviceBuffer> grad;
   FullKlBackwardArgs b;
   if (op == Op::FullBwd) {
@@ -270,7 +274,8 @@ void BM_full_kl(benchmark::State& s, Op op, int64_t N, int64_t V, DType d) {
     b.grad = grad->p;
   }
   run_timed(s, op, p, [&] {
-    return op == Op::FullFwd ? cuda::full_kl_forward(f, st) : cuda::full_kl_backward(b, st);
+    return op == Op::FullFwd ? tike::cuda::full_kl_forward(f, ws.p, st)
+                             : tike::cuda::full_kl_backward(b, st);
   });
 }
 #endif
@@ -284,7 +289,8 @@ void BM_token_logprobs(benchmark::State& s, Op op, int64_t N, int64_t V, DType d
   f.dtype = d, f.N = N, f.V = V, f.tokens = p.tokens.as<int64_t>();
   f.logp = logp.as<float>(), f.lse = lse.as<float>();  // no entropy: the API's default
   cudaStream_t st = device().stream;
-  CHECK_CUDA(cuda::token_logprobs_forward(f, st));
+  DeviceBuffer ws(tike::cuda::token_logprobs_forward_workspace_bytes(f));
+  CHECK_CUDA(tike::cuda::token_logprobs_forward(f, ws.p, st));
   std::unique_ptr<DeviceBuffer> grad;
   TokenLogprobsBackwardArgs b;
   if (op == Op::TokenBwd) {
@@ -294,8 +300,8 @@ void BM_token_logprobs(benchmark::State& s, Op op, int64_t N, int64_t V, DType d
     b.grad = grad->p;
   }
   run_timed(s, op, p, [&] {
-    return op == Op::TokenFwd ? cuda::token_logprobs_forward(f, st)
-                              : cuda::token_logprobs_backward(b, st);
+    return op == Op::TokenFwd ? tike::cuda::token_logprobs_forward(f, ws.p, st)
+                              : tike::cuda::token_logprobs_backward(b, st);
   });
 }
 #endif
@@ -316,13 +322,15 @@ void register_all(const Config& c) {
 #ifdef TIKE_BENCH_TOPK
         std::vector<int64_t> ks{c.k_default};
         if (V == c.vocab.back()) ks = c.ks;  // the k sweep at the largest vocabulary
+        // Above kTopkSelectMaxK the launcher expects S from the caller: not a fused op.
+        auto fused_k = [&](int64_t k) { return k <= V && k <= tike::cuda::kTopkSelectMaxK; };
         for (int64_t k : ks) {
-          if (k > V) continue;
+          if (!fused_k(k)) continue;
           reg(tag("topk_kl_fwd", d, N, V) + "/k:" + std::to_string(k),
               [=](benchmark::State& s) { BM_topk_kl(s, Op::TopkFwd, N, V, k, d); });
         }
         for (int64_t k : ks) {
-          if (k > V) continue;
+          if (!fused_k(k)) continue;
           reg(tag("topk_kl_fwdbwd", d, N, V) + "/k:" + std::to_string(k),
               [=](benchmark::State& s) { BM_topk_kl(s, Op::TopkFwdBwd, N, V, k, d); });
         }
