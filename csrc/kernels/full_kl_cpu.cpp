@@ -44,7 +44,7 @@ TIKE_INLINE void forward_row(const FullKlForwardArgs& a, int64_t r, float* zb, f
       const vf zi = load(z + i), e = vexp2((zi - vM) * c);
       se += e;
       // e = 0 terms (z = −inf) count 0 even where zr = −inf too
-      sc += e > 0.f ? e * ((zi - load(q + i)) * s) : vf{};
+      sc += e != 0.f ? e * ((zi - load(q + i)) * s) : vf{};
     }
     lp.S += hsum(se);
     cross += hsum(sc);
@@ -75,7 +75,7 @@ TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb,
       for (int i = 0; i < npad; i += kLanes) {
         const vf zi = load(z + i), p = vexp(zi * s - vlp);
         const vf g = p * ((zi - load(q + i)) * s - dl) * gs;  // p_j (L_j − KL) g/τ
-        store(out + i, p > 0.f ? g : vf{});
+        store(out + i, p != 0.f ? g : vf{});
       }
     }
     finish_tile(grow, a.dtype, j0, n, out, zb);

@@ -39,7 +39,7 @@ TIKE_INLINE void forward_row(const TokenLogprobsForwardArgs& a, int64_t r, float
     for (int i = 0; i < npad; i += kLanes) {
       const vf d = (load(z + i) - vM) * s, e = vexp(d);
       se += e;
-      sr += e > 0.f ? e * d : vf{};
+      sr += e != 0.f ? e * d : vf{};
     }
     lp.S += hsum(se);
     rel += hsum(sr);
@@ -68,7 +68,7 @@ TIKE_INLINE void backward_row(const TokenLogprobsBackwardArgs& a, int64_t r, flo
     for (int i = 0; i < npad; i += kLanes) {
       const vf lpj = load(z + i) * s - vl, p = vexp(lpj);
       const vf gj = p * (g_h * (lpj + H) + g_lp) * -s;
-      store(out + i, p > 0.f ? gj : vf{});
+      store(out + i, p != 0.f ? gj : vf{});
     }
     if (tok >= j0 && tok < j0 + n) out[tok - j0] += g_lp * s;
     finish_tile(grow, a.dtype, j0, n, out, zb);

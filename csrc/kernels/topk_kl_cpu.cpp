@@ -222,7 +222,7 @@ TIKE_INLINE void forward_row(const TopkKlForwardArgs& a, int64_t r, Scratch& sc)
     const double p = std::exp(lp), q = std::exp(lq);
     m_p += p;
     m_q += q;
-    if (p > 0.0) {  // 0 · log 0 counts as 0
+    if (p != 0.0) {  // 0 · log 0 counts as 0 (a NaN p stays NaN)
       D += p * (lp - lq);
       C += p * (lp - lq + 1.0);
     }
@@ -238,7 +238,7 @@ TIKE_INLINE void forward_row(const TopkKlForwardArgs& a, int64_t r, Scratch& sc)
     if (idx[slot] < 0) continue;
     const double lp = double(load_one(zrow, a.dtype, idx[slot])) * s - lse_p;
     const double lq = double(load_one(qrow, a.dtype, idx[slot])) * s - ref.lse_q;
-    if (std::exp(lp) > 0.0) coef[slot] = float(scale * (lp - lq + 1.0 - b));
+    if (std::exp(lp) != 0.0) coef[slot] = float(scale * (lp - lq + 1.0 - b));
   }
   a.out[r] = float(ratio * (D + T));
   a.lse[r] = lse_p;
@@ -276,7 +276,7 @@ TIKE_INLINE void backward_row(const TopkKlBackwardArgs& a, int64_t r, Scratch& s
     const size_t first = sup;
     for (; sup < sc.support.size() && sc.support[sup].first < j0 + n; ++sup) {
       const float p = sexp(x[sc.support[sup].first - j0] * s - lse);
-      patch[sup - first] = p > 0.f ? g * p * (coef[sc.support[sup].second] - sh) : 0.f;
+      patch[sup - first] = p != 0.f ? g * p * (coef[sc.support[sup].second] - sh) : 0.f;
     }
     for (int i = 0; i < npad; i += kLanes) store(out + i, vexp(load(x + i) * s - vl) * dense);
     for (size_t e = first; e < sup; ++e) out[sc.support[e].first - j0] = patch[e - first];

@@ -38,8 +38,8 @@ def _apply_mask(y: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 
 def _safe_plogr(p: Tensor, log_ratio: Tensor, keep: Tensor) -> Tensor:
-    """p · log_ratio where `keep` and p > 0, else 0, with no NaN leaking into the gradient."""
-    keep = keep & (p > 0)
+    """p · log_ratio where `keep` and p != 0, else 0, with no NaN leaking into the gradient."""
+    keep = keep & (p != 0)  # NaN stays NaN
     zero = torch.zeros((), dtype=p.dtype, device=p.device)
     return torch.where(keep, p * torch.where(keep, log_ratio, zero), zero)
 
