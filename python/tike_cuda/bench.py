@@ -148,9 +148,12 @@ def _tike_fns():
 
 
 _COMPILED: Dict[str, Callable] = {}
+COMPILE_DYNAMIC = True  # --compile-static sets False
 
 
 def _compiled_fns():
+    # dynamic=True: one graph per (op, mode) for every N, V and k, so a sweep costs a
+    # handful of compilations; --compile-static specialises (and recompiles) per shape and k.
     if not _COMPILED:
         cfg = torch._dynamo.config
         # One graph per (shape, k): allow the whole sweep without falling back to eager.
@@ -158,7 +161,7 @@ def _compiled_fns():
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 256))
         for op in OPS:
-            _COMPILED[op] = torch.compile(getattr(eager, op), dynamic=False)
+            _COMPILED[op] = torch.compile(getattr(eager, op), dynamic=COMPILE_DYNAMIC)
     return _COMPILED
 
 
@@ -445,6 +448,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--repeats", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    p.add_argument("--compile-static", action="store_true",
+                   help="torch.compile with dynamic=False (a compilation per shape and k) "
+                        "instead of one dynamic-shape graph per op and mode")
     p.add_argument("--out", default="bench_results", help="directory for results.csv and plots")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -460,6 +466,9 @@ def main(argv=None) -> int:
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
+    global COMPILE_DYNAMIC
+    COMPILE_DYNAMIC = not a.compile_static
+    _COMPILED.clear()
     ops = _csv_list(a.ops) or list(OPS)
     modes = _csv_list(a.modes)
     providers = _csv_list(a.providers) or preset["providers"]
