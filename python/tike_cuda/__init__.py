@@ -11,13 +11,16 @@ import warnings
 import torch
 
 from . import _C  # loads the kernels and registers torch.ops.tike_cuda.*
+from . import grpo
+from .estimators import kl_penalty, per_token_kl
 from .full_kl import full_kl
 from .reference import TopkStats
 from .token_logprobs import token_logprobs
 from .topk_kl import topk_kl
 
 __version__ = "0.1.0"
-__all__ = ["topk_kl", "full_kl", "token_logprobs", "TopkStats", "built_with_cuda"]
+__all__ = ["topk_kl", "full_kl", "token_logprobs", "kl_penalty", "per_token_kl", "TopkStats",
+           "grpo", "built_with_cuda"]
 
 
 def built_with_cuda() -> bool:
