@@ -119,15 +119,16 @@ def _audit(args) -> int:
     ks = [int(x) for x in args.ks.split(",") if x.strip()]
     out = _out_dir(args, "tike_audit")
     device = _device(args.device)
-    report = []
-    for f in args.files:
+    report, stems = [], set()
+    for i, f in enumerate(args.files):
         d = load_logits(f)
         common = dict(mask=d.get("mask"), temperature=args.temperature,
                       chunk_rows=args.chunk_rows, device=device, progress=not args.quiet)
         diag = token_diagnostics(d["logits"], d["ref_logits"], args.k, **common)
         table = audit_from_diagnostics(diag, args.hi, args.lo)
         sweep = k_sweep_table(d["logits"], d["ref_logits"], ks, **common)
-        stem = Path(f).stem
+        stem = Path(f).stem if Path(f).stem not in stems else f"{Path(f).stem}_{i}"
+        stems.add(stem)
         write_csv(table, out / f"{stem}_audit.csv")
         write_csv(sweep, out / f"{stem}_ksweep.csv")
         _audit_figure(diag, out / f"{stem}_audit.png", stem)
@@ -170,17 +171,18 @@ def _variance(args) -> int:
     out = _out_dir(args, "tike_variance")
     device = _device(args.device)
     panels = {}
-    for f in args.files:
+    for i, f in enumerate(args.files):
         d = load_logits(f, required=("logits", "ref_logits", "tokens"))
+        label = Path(f).stem if Path(f).stem not in panels else f"{Path(f).stem}_{i}"
         est = sequence_estimates(d["logits"], d["ref_logits"], d["tokens"], seq_id=d.get("seq_id"),
                                  old_logprobs=d.get("old_logprobs"), mask=d.get("mask"), k=args.k,
                                  temperature=args.temperature, chunk_rows=args.chunk_rows,
                                  device=device, progress=not args.quiet)
         n = len(next(iter(est.values())))
         write_csv([{"seq": i, **{k: float(v[i]) for k, v in est.items()}} for i in range(n)],
-                  out / f"{Path(f).stem}_sequences.csv")
+                  out / f"{label}_sequences.csv")
         rows = bootstrap(est, log_spaced(n, args.num_m), args.boot, args.seed)
-        panels[Path(f).stem] = rows
+        panels[label] = rows
         last = [r for r in rows if r["M"] == rows[-1]["M"]]
         print(f"## {f}: {n} sequences; bootstrap B = {args.boot}, M = {rows[-1]['M']}\n")
         print(markdown_table(last) + "\n")
