@@ -528,8 +528,9 @@ inline int next_pow2(int64_t x) {
   return p;
 }
 
-// Largest dynamic shared memory a kernel may take without opting in.
-constexpr size_t kDefaultSmem = 48 * 1024;
+// Dynamic shared memory a kernel may take without opting in: 48 KB minus room for the
+// kernels' own static scratch (the 48 KB default covers static + dynamic together).
+constexpr size_t kDefaultSmem = 40 * 1024;
 
 template <typename K>
 inline cudaError_t allow_smem(K kernel, size_t bytes) {
