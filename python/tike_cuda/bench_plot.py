@@ -40,6 +40,7 @@ def _figure(rows: List[dict], x: str, title: str, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     floor = {}
@@ -56,8 +57,15 @@ def _figure(rows: List[dict], x: str, title: str, path: Path) -> Path:
     if floor:
         fx = sorted(floor)
         ax_t.plot(fx, [floor[v] for v in fx], "k--", lw=1, label="byte floor")
-    for ax, ylab in ((ax_t, "time, ms (p50; bars p20–p80)"), (ax_m, "peak extra memory, MiB")):
+    # At least a decade per axis, so near-constant series do not get hair-splitting ticks.
+    for ax in (ax_t, ax_m):
+        ys = [y for line in ax.lines for y in line.get_ydata() if y > 0]
+        if ys:
+            ax.set_ylim(min(ys) / 2, max(ys) * 2)
+    for ax, ylab in ((ax_t, "time, ms (p50; bars p20–p80)"),
+                     (ax_m, "peak extra memory, MiB (0 not drawn)")):
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_yscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(ylab)
