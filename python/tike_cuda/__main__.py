@@ -244,8 +244,8 @@ def _demo_accuracy(z, zr, tok, old, k):
         print(f"\nTop-{k} coverage m_{k} = sum of the policy's top-{k} probabilities:")
         q = torch.quantile(m, torch.tensor([0.05, 0.5], dtype=torch.float64))
         print(f"  mean {m.mean():.4f}  median {q[1]:.4f}  p5 {q[0]:.4f}  "
-              f"m >= 0.99: {(m >= 0.99).double().mean():.1%}  m < 0.90: {(m < 0.9).double().mean():.1%}"
-              f"  sampled token in top-{k}: {in_topk.mean():.1%}  mean entropy "
+              f"m >= 0.99: {(m >= 0.99).double().mean():.1%}  m < 0.90: {(m < 0.9).double().mean():.1%}")
+        print(f"  sampled token in top-{k}: {in_topk.mean():.1%}  mean policy entropy "
               f"{ent.double().mean():.2f} nats")
         expect = _expected_sampled(z, zr, SAMPLED_ESTIMATORS)
         kl_mean = exact.mean().item()
