@@ -152,8 +152,9 @@ def _audit_figure(diag, path, title):
     a0.hist(diag.topk_mass, bins=50, color="tab:red", alpha=0.8)
     a0.set_xlabel(f"top-{diag.k} mass m_{diag.k}")
     a0.set_ylabel("positions")
-    a1.scatter(diag.topk_mass, np.abs(diag.xi_tail) + 1e-12, s=4, alpha=0.4, c=diag.entropy,
-               cmap="viridis")
+    pts = a1.scatter(diag.topk_mass, np.abs(diag.xi_tail) + 1e-12, s=4, alpha=0.4,
+                     c=diag.entropy, cmap="viridis")
+    fig.colorbar(pts, ax=a1, label="policy entropy (nats)")
     a1.set_yscale("log")
     a1.set_xlabel(f"m_{diag.k}")
     a1.set_ylabel("|xi_tail| = |KL - KL_k|")
