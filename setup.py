@@ -72,8 +72,11 @@ def _extensions():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DTIKE_WITH_CUDA"]
+    # The toolkit's own headers first: the wheels' copies of cuda_runtime_api.h etc. lack
+    # crt/; the wheels only fill in what the toolkit lacks (cublas, cusparse headers).
+    toolkit = [os.path.join(cuda_home, "include")]
     return [CUDAExtension("tike_cuda._C", sources,
-                          include_dirs=include_dirs + _wheel_cuda_includes(),
+                          include_dirs=include_dirs + toolkit + _wheel_cuda_includes(),
                           extra_compile_args={"cxx": cxx + ["-DTIKE_WITH_CUDA"], "nvcc": nvcc},
                           extra_link_args=link)]
 
