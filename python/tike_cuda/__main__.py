@@ -1,4 +1,4 @@
-"""``tike-cuda`` command line: demo, audit, variance, synth and bench.
+"""tike-cuda command line: demo, audit, variance, synth and bench.
 
     tike-cuda demo                          # estimators vs exact KL at V = 151,936, speed, memory
     tike-cuda audit run.pt --out audit/     # paper Table 2 and Table 7 on your logits
