@@ -47,6 +47,14 @@ def _wheel_cuda_includes():
     return sorted(set(p for p in out if os.path.isdir(p)))
 
 
+def _cuda_library_dirs(cuda_home):
+    """Toolkit dirs holding libcudart.so: torch links -lcudart from CUDA_HOME/lib64 only,
+    and some toolkit layouts keep it in lib/ or targets/<arch>/lib/."""
+    candidates = [os.path.join(cuda_home, d) for d in ("lib64", "lib")]
+    candidates += sorted(glob.glob(os.path.join(cuda_home, "targets", "*", "lib")))
+    return [d for d in candidates if os.path.exists(os.path.join(d, "libcudart.so"))]
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -77,6 +85,7 @@ def _extensions():
     toolkit = [os.path.join(cuda_home, "include")]
     return [CUDAExtension("tike_cuda._C", sources,
                           include_dirs=include_dirs + toolkit + _wheel_cuda_includes(),
+                          library_dirs=_cuda_library_dirs(cuda_home),
                           extra_compile_args={"cxx": cxx + ["-DTIKE_WITH_CUDA"], "nvcc": nvcc},
                           extra_link_args=link)]
 
