@@ -56,9 +56,14 @@ def _cuda_library_dirs(cuda_home):
 
 
 def _extensions():
+    cuda_home = _want_cuda()
+    if cuda_home is not None:
+        # torch.utils.cpp_extension reads CUDA_HOME once, at import (and would otherwise
+        # guess it from the nvcc on PATH, e.g. /usr/local for /usr/local/bin/nvcc).
+        os.environ.setdefault("CUDA_HOME", cuda_home)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cuda_home = _want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(
         glob.glob("csrc/kernels/*_cpu.cpp"))
     # No -std flag: torch.utils.cpp_extension sets the one its headers need (C++20 for
@@ -75,8 +80,6 @@ def _extensions():
         return [CppExtension("tike_cuda._C", sources, include_dirs=include_dirs,
                              extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
-    os.environ.setdefault("CUDA_HOME", cuda_home)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DTIKE_WITH_CUDA"]
