@@ -235,6 +235,27 @@ def test_nan_rows_stay_local(gen):
     assert fk[2].isnan() and fk[4].isnan() and fk[[0, 1, 3, 5]].isfinite().all()
 
 
+def test_nan_row_gradients_stay_nan(gen):
+    # A NaN logit makes its row's gradient NaN everywhere, as on the CPU (a p > 0 test
+    # would turn NaN p into 0 and hide the row), and leaves every other row finite.
+    z, zr, tok, old = _inputs(6, 4099, torch.float32, gen)
+    z[2, 100] = float("nan")
+    g = torch.randn(6, generator=gen).cuda()
+
+    def check(got, exp):
+        assert got[2].isnan().all() and got[[0, 1, 3, 4, 5]].isfinite().all()
+        assert torch.equal(got.isnan().cpu(), exp.isnan())
+
+    _, lse, idx, coef, shift, _ = _raw_topk(z, zr, 16, tok, old, None, 1.0, True, True)
+    check(OPS.topk_kl_backward(g, z, lse, idx, coef, shift, None, 1.0),
+          OPS.topk_kl_backward(*_to_cpu(g, z, lse, idx, coef, shift), None, 1.0))
+    out, lp, lq = OPS.full_kl(z, zr, None, 1.0)
+    check(OPS.full_kl_backward(g, z, zr, out, lp, lq, None, 1.0),
+          OPS.full_kl_backward(*_to_cpu(g, z, zr, out, lp, lq), None, 1.0))
+    _, ent, lse = OPS.token_logprobs(z, tok, 1.0, True)
+    check(OPS.token_logprobs_backward(g, g, z, tok, lse, ent, 1.0),
+          OPS.token_logprobs_backward(*_to_cpu(g, g, z, tok, lse, ent), 1.0))
+
 def test_int64_offsets_beyond_2_31():
     V = BIG_V
     N = (2**31) // V + 3  # N·V > 2^31

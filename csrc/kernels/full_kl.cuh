@@ -132,7 +132,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
                             for (int i = 0; i < N; ++i) {
                               const float p = ex2(__fmaf_rn(z[i], c, -lp2));
                               const float v = p * ((z[i] - zr[i]) * s - dl) * gs;
-                              o[i] = p > 0.f ? v : 0.f;  // p_j (L_j − KL) g/τ; 0 where p = 0
+                              // p_j (L_j − KL) g/τ; 0 where p = 0, but a NaN p (NaN row)
+                              // stays NaN as on the CPU (p > 0 would zero it)
+                              o[i] = p != 0.f ? v : 0.f;
                             }
                           });
 }

@@ -118,7 +118,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
                                const float lpj = __fmaf_rn(z[i], s, -lse);
                                const float p = ex2(__fmaf_rn(z[i], c, -lse2));
                                const float gj = p * (g_h * (lpj + H) + g_lp) * -s;
-                               out[i] = (p > 0.f ? gj : 0.f) + (j0 + i == o ? at_o : 0.f);
+                               // p != 0, not p > 0: a NaN row's gradient stays NaN (CPU)
+                               out[i] = (p != 0.f ? gj : 0.f) + (j0 + i == o ? at_o : 0.f);
                              }
                            });
 }

@@ -464,7 +464,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
     const int j = idx[s];
     if (j >= b && j < e) {
       const float p = ex2(__fmaf_rn(load1(zrow + j), c, -lse2));
-      patch[s] = p > 0.f ? g * p * (coef[s] - sh) : 0.f;
+      // p != 0, not p > 0: a NaN row's S~ entries stay NaN like its dense part (CPU)
+      patch[s] = p != 0.f ? g * p * (coef[s] - sh) : 0.f;
     }
   }
   __syncthreads();
