@@ -195,3 +195,31 @@ def test_inplace_backward_matches(device, dtype, gen):
     buf = z.clone()
     op.topk_kl_backward_(g, buf, lse, idx, coef, shift, mask, 1.3)
     assert torch.equal(buf, grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward_api(device, dtype, gen):
+    """inplace_backward=True: the same gradient, written over the logits buffer."""
+    x = make_logits((4, 2, 700), dtype, device, generator=gen, requires_grad=True)
+    zr = make_logits((4, 2, 700), dtype, device, generator=gen)
+    tokens = torch.randint(0, 700, (4, 2), generator=gen).to(device)
+    mask = torch.rand(4, 2, generator=gen).to(device) > 0.3
+    kw = dict(sampled_tokens=tokens, mask=mask, tail="bucket")
+    (expected,) = torch.autograd.grad(tike_cuda.topk_kl(x * 1, zr, 16, **kw).sum(), x)
+    logits = x * 1  # an activation, as the output of an lm_head would be
+    out = tike_cuda.topk_kl(logits, zr, 16, inplace_backward=True, **kw)
+    assert_values(out, tike_cuda.topk_kl(x.detach(), zr, 16, **kw).double())
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad, expected)
+    assert torch.equal(logits.detach(), expected)  # the buffer now holds the gradient
+
+
+def test_inplace_backward_refuses_a_shared_buffer(gen):
+    """Another op that saved the same logits fails autograd's check instead of misreading."""
+    x = make_logits((3, 200), torch.float32, "cpu", generator=gen, requires_grad=True)
+    logits = x * 1
+    other = logits.pow(2).sum()  # saves `logits`; its backward runs after topk_kl's
+    kl = tike_cuda.topk_kl(logits, logits.detach() + 0.1, 8, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (kl.sum() + other).backward()

@@ -17,7 +17,8 @@ _TAILS = ("none", "bucket")
 def topk_kl(logits: Tensor, ref_logits: Tensor, k: int = 16, *,
             sampled_tokens: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None,
             temperature: float = 1.0, mask: Optional[Tensor] = None,
-            union_sampled: bool = True, tail: str = "none", return_stats: bool = False):
+            union_sampled: bool = True, tail: str = "none", return_stats: bool = False,
+            inplace_backward: bool = False):
     r"""Per-token TIKE penalty (paper Eq. 6/13), float32 of shape ``logits.shape[:-1]``.
 
     With ``p = softmax(logits/τ)``, ``q = softmax(ref_logits/τ)``, ``S`` the ``k`` largest
@@ -42,7 +43,12 @@ def topk_kl(logits: Tensor, ref_logits: Tensor, k: int = 16, *,
     ``Σ_{S~} p_v``, ``log p_o``, reference mass ``Σ_{S~} q_v``), detached.
 
     Memory: saves ``O(N·k)`` floats, not the ``N×V`` probabilities; the backward writes one
-    gradient the size of ``logits``.
+    gradient the size of ``logits``. With ``inplace_backward=True`` it writes that gradient
+    over the ``logits`` buffer instead and allocates nothing of size ``N×V``. Only safe
+    when nothing else needs the logits' values afterwards (like Liger's in-place
+    cross-entropy): another op that saved them for its own backward then fails autograd's
+    in-place check rather than read a gradient, and ``logits`` must not be a leaf you keep.
+    Eager mode only (under ``torch.compile`` use the default).
     """
     _checks.logits(logits)
     _checks.like_logits(ref_logits, logits, "ref_logits")
@@ -56,16 +62,48 @@ def topk_kl(logits: Tensor, ref_logits: Tensor, k: int = 16, *,
     _checks.flag(union_sampled, "union_sampled")
     _checks.choice(tail, "tail", _TAILS)
     _checks.flag(return_stats, "return_stats")
+    _checks.flag(inplace_backward, "inplace_backward")
 
-    out, _, _, _, _, stats = torch.ops.tike_cuda.topk_kl(
-        logits, ref_logits.detach(), k, _checks.rows(sampled_tokens, torch.int64),
-        _checks.rows(old_logprobs, torch.float32), _checks.rows(mask, torch.bool),
-        temperature, union_sampled, tail == "bucket")
+    args = (logits, ref_logits.detach(), k, _checks.rows(sampled_tokens, torch.int64),
+            _checks.rows(old_logprobs, torch.float32), _checks.rows(mask, torch.bool),
+            temperature, union_sampled, tail == "bucket")
+    if inplace_backward and logits.requires_grad:
+        out, stats = _TopkKlInplaceBackward.apply(*args)
+    else:
+        out, _, _, _, _, stats = torch.ops.tike_cuda.topk_kl(*args)
     shape = logits.shape[:-1]
     out = out.reshape(shape)
     if not return_stats:
         return out
     return out, TopkStats(*(stats[:, i].reshape(shape) for i in range(3)))
+
+
+class _TopkKlInplaceBackward(torch.autograd.Function):
+    """topk_kl whose backward overwrites the logits buffer with the gradient (opt-in)."""
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, k, tokens, old, mask, temperature, union, tail_bucket):
+        out, lse, idx, coef, shift, stats = torch.ops.tike_cuda.topk_kl(
+            logits, ref_logits, k, tokens, old, mask, temperature, union, tail_bucket)
+        ctx.save_for_backward(lse, idx, coef, shift)
+        # Held, not saved: its buffer is about to become the gradient, which autograd's
+        # saved-tensor version check would (rightly) refuse.
+        ctx.logits, ctx.mask, ctx.temperature = logits, mask, temperature
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_stats):
+        lse, idx, coef, shift = ctx.saved_tensors
+        buf = ctx.logits.detach()
+        ctx.logits = None
+        torch.ops.tike_cuda.topk_kl_backward_(grad_out.contiguous(), buf, lse, idx, coef, shift,
+                                              ctx.mask, ctx.temperature)
+        # The schema declares the mutation, but a C++ custom op does not bump the version
+        # counter by itself: do it, so that any other saved copy of these logits fails
+        # autograd's check loudly instead of being read as if it still held logits.
+        torch.autograd.graph.increment_version(buf)
+        return buf, None, None, None, None, None, None, None, None
 
 
 def _n_rows(logits: Tensor):
