@@ -46,6 +46,7 @@ def test_unavailable_provider_is_skipped_with_a_note(tmp_path):
 def test_unknown_names_are_rejected(tmp_path):
     assert bench.main(["--providers", "nope", "--out", str(tmp_path)]) == 2
     assert bench.main(["--ops", "nope", "--out", str(tmp_path)]) == 2
+    assert bench.main(["--dtype", "fp8", "--out", str(tmp_path)]) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -1,6 +1,6 @@
 """Benchmark harness: tike_cuda's fused ops against eager PyTorch, torch.compile and Liger.
 
-    python -m tike_cuda bench --preset cpu --out bench_results
+    python -m tike_cuda bench --preset cpu --out bench_out
     python -m tike_cuda bench --preset gpu --ops topk_kl --providers tike_cuda,compile
 
 Each case (op, mode, N, V, k, dtype) is timed per provider: ``--warmup`` untimed calls,
@@ -451,7 +451,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--compile-static", action="store_true",
                    help="torch.compile with dynamic=False (a compilation per shape and k) "
                         "instead of one dynamic-shape graph per op and mode")
-    p.add_argument("--out", default="bench_results", help="directory for results.csv and plots")
+    p.add_argument("--out", default="bench_out", help="directory for results.csv and plots")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -478,6 +478,10 @@ def main(argv=None) -> int:
         if bad:
             print(f"bench: unknown {name} {bad}; choose from {list(allowed)}", file=sys.stderr)
             return 2
+    bad = [d for d in (_csv_list(a.dtype) or []) if d not in DTYPES]
+    if bad:
+        print(f"bench: unknown dtype {bad}; choose from {sorted(DTYPES)}", file=sys.stderr)
+        return 2
     if any(x is not None for x in (a.N, a.V, a.k, a.dtype)):
         g0 = preset["grids"][-1]
         grids = [(ops, _csv_list(a.N, int) or g0[1], _csv_list(a.V, int) or g0[2],

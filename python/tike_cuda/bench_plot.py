@@ -2,7 +2,7 @@
 against k on log-log axes, one line per provider, like the paper's Figure 5; and time
 against N for the other sweeps. The dashed line is the byte floor (p50 · floor_frac).
 
-    python -m tike_cuda.bench_plot bench_results/results.csv [out_dir]
+    python -m tike_cuda.bench_plot bench_out/results.csv [out_dir]
 """
 from __future__ import annotations
 
