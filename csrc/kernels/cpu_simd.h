@@ -207,13 +207,20 @@ struct OnlineLse {
   double S = 0.0;   // Σ exp((x − M)·s)
   bool nan = false;
 
+  // Raises the running max to tm when tm is larger, rescaling S; returns the factor every
+  // other sum kept relative to M must be multiplied by (1 when M stays; 0 while M was −inf).
+  TIKE_INLINE double raise_max(float tm, float s) {
+    if (!(tm > M)) return 1.0;
+    const double f = std::exp(double(M - tm) * s);
+    S *= f;
+    M = tm;
+    return f;
+  }
+
   // Returns the tile max; the caller may reuse it.
   TIKE_INLINE float add_tile(const float* buf, int n, float s) {
     const float tm = tile_max(buf, n, nan);
-    if (tm > M) {
-      if (S != 0.0) S *= std::exp(double(M - tm) * s);
-      M = tm;
-    }
+    raise_max(tm, s);
     if (M > -kInf) S += tile_sumexp(buf, n, M, s);
     return tm;
   }

@@ -30,12 +30,7 @@ TIKE_INLINE void forward_row(const FullKlForwardArgs& a, int64_t r, float* zb, f
     const float* q = tile_src(qrow, a.dtype, j0, n, qb);
     lq.add_tile(q, npad, s);
     const float tm = tile_max(z, npad, lp.nan);
-    if (tm > lp.M) {
-      const double f = std::exp(double(lp.M - tm) * s);
-      if (lp.S != 0.0) lp.S *= f;
-      if (cross != 0.0) cross *= f;
-      lp.M = tm;
-    }
+    cross *= lp.raise_max(tm, s);
     if (!(lp.M > -kInf)) continue;
     const vf vM = splat(lp.M);
     const float c = s * kLog2e;

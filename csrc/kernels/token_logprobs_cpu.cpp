@@ -26,13 +26,10 @@ TIKE_INLINE void forward_row(const TokenLogprobsForwardArgs& a, int64_t r, float
       continue;
     }
     const float tm = tile_max(z, npad, lp.nan);
-    if (tm > lp.M) {
-      // Moving the max from M to M': e' = e·f and (z − M') = (z − M) + (M − M').
-      const double f = std::exp(double(lp.M - tm) * s);
-      if (lp.S != 0.0) rel = f * (rel + lp.S * double(lp.M - tm) * s);
-      if (lp.S != 0.0) lp.S *= f;
-      lp.M = tm;
-    }
+    // Moving the max from M to M': e' = e·f and (z − M') = (z − M) + (M − M').
+    const float M0 = lp.M;
+    const double S0 = lp.S, f = lp.raise_max(tm, s);
+    if (lp.M != M0 && S0 != 0.0) rel = f * (rel + S0 * double(M0 - tm) * s);
     if (!(lp.M > -kInf)) continue;
     const vf vM = splat(lp.M);
     vf se = vf{}, sr = vf{};

@@ -104,10 +104,7 @@ TIKE_INLINE float scan_policy_row(const void* zrow, DType dt, int64_t V, float s
     }
     for (int i = 0; i < kLanes; ++i) lse.nan |= bad[i] != 0;
     const float tm = hmax(tmax);
-    if (tm > lse.M) {
-      if (lse.S != 0.0) lse.S *= std::exp(double(lse.M - tm) * s);
-      lse.M = tm;
-    }
+    lse.raise_max(tm, s);
     if (lse.M > -kInf) lse.S += tile_sumexp(x, npad, lse.M, s);
 
     for (int b = 0; b < nblocks; ++b) {
@@ -146,12 +143,7 @@ TIKE_INLINE RefPass scan_reference_row(const void* zrow, const void* qrow, DType
       continue;
     }
     const float tm = tile_max(q, npad, lq.nan);
-    if (tm > lq.M) {
-      const double f = std::exp(double(lq.M - tm) * s);
-      if (lq.S != 0.0) lq.S *= f;
-      if (tail_q != 0.0) tail_q *= f;
-      lq.M = tm;
-    }
+    tail_q *= lq.raise_max(tm, s);
     if (!(lq.M > -kInf)) continue;
     const float* z = tile_src(zrow, dt, j0, n, zb);
     const vf vM = splat(lq.M), vl = splat(lse_p);
