@@ -123,9 +123,15 @@ def per_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, estimator: str,
 
     ``mask`` (bool, ``logits.shape[:-1]``): False positions give 0 and a zero gradient;
     their ``sampled_tokens`` may be padding (e.g. -100) and are not looked up.
+
+    For "tike" / "tike_bucket", ``ref_logits`` may be a :class:`~tike_cuda.SparseReference`
+    (the reference stored on a fixed S~; see :func:`tike_cuda.sparse_reference`).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+    if isinstance(ref_logits, _ops.SparseReference) and estimator not in ("tike", "tike_bucket"):
+        raise TypeError(f"ref_logits: a SparseReference (the reference on a fixed S~) serves "
+                        f"'tike' and 'tike_bucket' only, got estimator {estimator!r}")
     if mask is not None and sampled_tokens is not None and isinstance(mask, torch.Tensor) \
             and isinstance(sampled_tokens, torch.Tensor) and mask.shape == sampled_tokens.shape:
         # padded positions often hold -100; any in-range id will do since they give 0

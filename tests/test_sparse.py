@@ -1,0 +1,558 @@
+"""Fixed support (design.md §6): topk_indices, sparse_reference, and topk_kl with a
+SparseReference — against the dense op and the float64 reference, values and gradients."""
+import pytest
+import torch
+
+import tike_cuda
+from tike_cuda import SparseReference
+from tike_cuda.reference import sparse_reference_reference, topk_indices as topk_ref, \
+    topk_kl_reference
+
+from conftest import DEVICES, DTYPES, assert_grads, assert_values, make_logits
+
+K = 16
+OPS = torch.ops.tike_cuda
+
+
+def _sampled(shape, V, gen, device, idx=None, inside=None):
+    """Random sampled tokens; with `inside` (bool [...]) taken from / kept out of idx."""
+    tok = torch.randint(0, V, shape, generator=gen)
+    if inside is not None:
+        pick = idx.cpu().long()[..., 0]
+        tok = torch.where(inside.cpu(), pick, tok)
+        members = (idx.cpu().long() == tok.unsqueeze(-1)).any(-1)
+        assert torch.equal(members, inside.cpu()), "draw again: a random token hit S"
+    return tok.to(device)
+
+
+# ------------------------------------------------------------------------ topk_indices
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [1, K - 1, K, 4099])
+def test_topk_indices_is_topk_kl_s(device, dtype, V, gen):
+    k = min(K, V)
+    z = make_logits((7, V), dtype, device, generator=gen)
+    idx = tike_cuda.topk_indices(z, k)
+    assert idx.dtype == torch.int32 and idx.shape == (7, k)
+    assert torch.equal(idx.cpu().long(), topk_ref(z.cpu(), k))
+    _, _, dense_idx, _, _, _ = OPS.topk_kl(z, z, k, None, None, None, 1.0, True, False)
+    assert torch.equal(idx, dense_idx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 5, 64, 256, 300])
+def test_topk_indices_k_range(device, k, gen):
+    z = make_logits((5, 1000), torch.bfloat16, device, generator=gen)  # bf16: many ties
+    assert torch.equal(tike_cuda.topk_indices(z, k).cpu().long(), topk_ref(z.cpu(), k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_indices_ties_nan_and_signed_zero(device):
+    V = 2000
+    z = torch.zeros(4, V, dtype=torch.bfloat16, device=device)
+    z[:, ::7] = 1.0                # 286 tied maxima per row: the first K of them
+    z[1, 1500] = 2.0               # a unique maximum, then the tie
+    z[2, :] = float("nan")         # NaN ranks as −inf: the first K finite ...
+    z[2, 1990:] = -5.0             # ... are these, in index order
+    z[3, :] = -1.0
+    z[3, 100::3] = -0.0            # −0 ranks as +0: ties in index order
+    z[3, 50] = 0.0
+    idx = tike_cuda.topk_indices(z, K)
+    assert idx[0].tolist() == list(range(0, 7 * K, 7))
+    assert idx[1].tolist() == [1500] + list(range(0, 7 * (K - 1), 7))
+    assert idx[2].tolist()[:10] == list(range(1990, 2000))
+    assert idx[3].tolist() == [50] + list(range(100, 100 + 3 * (K - 1), 3))
+    assert torch.equal(idx.cpu().long(), topk_ref(z.cpu(), K))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_indices_layouts_and_mask(device, gen):
+    B, T, V = 3, 5, 333
+    full = make_logits((B, T + 1, 2 * V), torch.float16, device, generator=gen)
+    mask = torch.rand(B, T, generator=gen).to(device) > 0.3
+    for view in (full[:, :-1, :V], full[:, 1:, ::2], full[:, :-1, :V].transpose(0, 1)):
+        m = mask if view.shape[:2] == mask.shape else mask.transpose(0, 1)
+        idx = tike_cuda.topk_indices(view, K, mask=m, temperature=0.7)
+        assert idx.shape == (*view.shape[:-1], K)
+        expected = topk_ref(view.cpu(), K)
+        assert torch.equal(idx[m].cpu().long(), expected[m.cpu()])
+        assert idx[~m].eq(-1).all()
+
+
+# -------------------------------------------------------------------- sparse_reference
+
+def _check_sparse_reference(sref, zr, support, tokens, temperature, mask):
+    idx, lq, tail = sparse_reference_reference(zr.cpu(), support.cpu(),
+                                               sampled_tokens=None if tokens is None else tokens.cpu(),
+                                               temperature=temperature,
+                                               mask=None if mask is None else mask.cpu())
+    assert torch.equal(sref.idx.cpu().long(), idx)
+    assert_values(sref.logprobs, lq, atol=2e-5, rtol=1e-5)
+    assert_values(sref.tail_logmass, tail, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [1, K, 4099])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_sparse_reference_values(device, dtype, V, sampled, gen):
+    k = min(K, V)
+    N = 9
+    zr = make_logits((N, V), dtype, device, generator=gen)
+    # a support that is NOT the reference's top-k: a random permutation's first k
+    support = torch.stack([torch.randperm(V, generator=gen)[:k] for _ in range(N)]).to(device)
+    tokens = None
+    if sampled:
+        inside = torch.arange(N) % 3 == 0
+        tokens = _sampled((N,), V, gen, device, support, inside) if V > k else support[:, 0]
+    mask = torch.arange(N, device=device) != 4
+    sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=tokens, temperature=0.8,
+                                      mask=mask)
+    assert sref.k == k and sref.K1 == k + sampled and sref.shape == (N,)
+    _check_sparse_reference(sref, zr, support, tokens, 0.8, mask)
+    if sampled and V > k:  # o in the support: its slot is padding; else o itself
+        assert sref.idx[0, k] == -1 and torch.equal(sref.idx[1:3, k], tokens[1:3].int())
+    # log q on S~ and the tail hold all the mass (masked rows: an empty S~, tail log 1)
+    total = sref.logprobs.double().exp().sum(-1) + sref.tail_logmass.double().exp()
+    torch.testing.assert_close(total.cpu(), torch.ones(N, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_reference_layouts(device, gen):
+    B, T, V = 2, 6, 501
+    full = make_logits((B, T + 1, V), torch.bfloat16, device, generator=gen)
+    zr = full[:, :-1]  # read in place
+    support = tike_cuda.topk_indices(make_logits((B, T, V), torch.float32, device, generator=gen), K)
+    tokens = torch.randint(0, V, (B, T), generator=gen).to(device)
+    sref = tike_cuda.sparse_reference(zr, support.long(), sampled_tokens=tokens)
+    assert sref.idx.shape == (B, T, K + 1) and sref.tail_logmass.shape == (B, T)
+    _check_sparse_reference(sref, zr, support, tokens, 1.0, None)
+    # a transposed view of the support (non-contiguous), int32 or int64
+    sref_t = tike_cuda.sparse_reference(zr.transpose(0, 1), support.transpose(0, 1),
+                                        sampled_tokens=tokens.t())
+    assert torch.equal(sref_t.idx.transpose(0, 1), sref.idx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_reference_tiny_tail_keeps_its_digits(device):
+    """Head ~ all the mass: 1 − Σ_head q would round to 0; the direct tail sum does not."""
+    V = 1000
+    zr = torch.zeros(2, V, device=device)
+    zr[:, :K] = 30.0
+    support = torch.arange(K, device=device).expand(2, K)
+    sref = tike_cuda.sparse_reference(zr, support)
+    expected = (torch.tensor(V - K, dtype=torch.float64).log() - 30.0
+                - torch.logaddexp(torch.tensor(K * 1.0, dtype=torch.float64).log(),
+                                  torch.tensor(V - K, dtype=torch.float64).log() - 30.0))
+    assert expected < -25  # a tail of ~6e-12
+    torch.testing.assert_close(sref.tail_logmass.double().cpu(), expected.expand(2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_reference_nan_row_and_masked_rows(device, gen):
+    V = 300
+    zr = make_logits((4, V), torch.float32, device, generator=gen)
+    zr[1, 7] = float("nan")
+    zr[2] = float("nan")  # masked: never read
+    zr[3, :50] = float("-inf")  # a masked vocabulary is legal
+    support = tike_cuda.topk_indices(make_logits((4, V), torch.float32, device, generator=gen), K)
+    support[2] = -1  # a masked row's support is not checked
+    mask = torch.tensor([True, True, False, True], device=device)
+    sref = tike_cuda.sparse_reference(zr, support, mask=mask)
+    assert torch.isnan(sref.logprobs[1]).all() and torch.isnan(sref.tail_logmass[1])
+    assert sref.idx[2].eq(-1).all() and sref.logprobs[2].eq(float("-inf")).all()
+    assert sref.tail_logmass[2] == 0
+    keep = torch.tensor([0, 3])
+    _check_sparse_reference(sref[keep.to(device)], zr[keep.to(device)], support[keep.to(device)],
+                            None, 1.0, None)
+
+
+# ------------------------------------------------------------- topk_kl with the store
+
+def _dense_and_sparse(z, zr, k, gen, tail, **kw):
+    """Value and gradient of dense topk_kl and of topk_kl on a SparseReference of the
+    policy's own top-k (the on-policy case), for the same upstream gradient."""
+    support = tike_cuda.topk_indices(z.detach(), k, mask=kw.get("mask"))
+    sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=kw.get("sampled_tokens"),
+                                      temperature=kw.get("temperature", 1.0), mask=kw.get("mask"))
+    dense = tike_cuda.topk_kl(z, zr, k, tail=tail, return_stats=True, **kw)
+    sparse = tike_cuda.topk_kl(z, sref, tail=tail, return_stats=True, **kw)
+    g = torch.randn(dense[0].shape, generator=gen).to(z.device)
+    (gd,) = torch.autograd.grad(dense[0], z, g)
+    (gs,) = torch.autograd.grad(sparse[0], z, g)
+    return dense, sparse, gd, gs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tail", ["none", "bucket"])
+@pytest.mark.parametrize("o_in_s", [None, "all", "none", "mixed"])
+def test_on_policy_support_equals_dense(device, dtype, tail, o_in_s, gen):
+    """Support = the current policy's top-k: the sparse path IS dense topk_kl."""
+    B, T, V = 2, 5, 3001
+    z = make_logits((B, T, V), dtype, device, generator=gen, requires_grad=True)
+    zr = make_logits((B, T, V), dtype, device, generator=gen)
+    kw = dict(temperature=0.9, mask=torch.rand(B, T, generator=gen).to(device) > 0.2)
+    if o_in_s is not None:
+        inside = {"all": torch.ones(B, T, dtype=torch.bool), "none": torch.zeros(B, T, dtype=torch.bool),
+                  "mixed": torch.rand(B, T, generator=gen) > 0.5}[o_in_s]
+        kw["sampled_tokens"] = _sampled((B, T), V, gen, device, topk_ref(z.detach().cpu(), K), inside)
+        kw["old_logprobs"] = (torch.randn(B, T, generator=gen) * 0.3 - 7).to(device)
+    dense, sparse, gd, gs = _dense_and_sparse(z, zr, K, gen, tail, **kw)
+    scale = dense[0].abs().max().item()
+    torch.testing.assert_close(sparse[0], dense[0], rtol=1e-6, atol=1e-6 * scale)
+    for a, b in zip(sparse[1], dense[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert_grads(gs, gd.double(), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 64, 300])
+def test_on_policy_support_equals_dense_k_range(device, k, gen):
+    z = make_logits((3, 1000), torch.float32, device, generator=gen, requires_grad=True)
+    zr = make_logits((3, 1000), torch.float32, device, generator=gen)
+    tok = torch.randint(0, 1000, (3,), generator=gen).to(device)
+    dense, sparse, gd, gs = _dense_and_sparse(z, zr, k, gen, "bucket", sampled_tokens=tok)
+    torch.testing.assert_close(sparse[0], dense[0], rtol=1e-6, atol=1e-6)
+    assert_grads(gs, gd.double(), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tail", ["none", "bucket"])
+@pytest.mark.parametrize("V", [K, 4099])
+def test_moved_policy_equals_fixed_support_reference(device, dtype, tail, V, gen):
+    """The support was taken from the rollout policy; the policy has moved since: TIKE on
+    that fixed S~, against float64 autograd."""
+    B, T = 3, 4
+    old = make_logits((B, T, V), dtype, device, generator=gen)
+    z = (old.float() + torch.randn(B, T, V, generator=gen).to(device)).to(dtype).requires_grad_()
+    zr = make_logits((B, T, V), dtype, device, generator=gen)
+    support = tike_cuda.topk_indices(old, K)
+    tok = torch.randint(0, V, (B, T), generator=gen).to(device)
+    old_lp = (torch.randn(B, T, generator=gen) * 0.3 - 7).to(device)
+    mask = torch.rand(B, T, generator=gen).to(device) > 0.2
+    sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=tok, temperature=0.8, mask=mask)
+    out, stats = tike_cuda.topk_kl(z, sref, sampled_tokens=tok, old_logprobs=old_lp, temperature=0.8,
+                                   mask=mask, tail=tail, return_stats=True)
+    z64 = z.detach().double().cpu().requires_grad_()
+    exp, exp_stats = topk_kl_reference(z64, zr.cpu(), K, sampled_tokens=tok.cpu(),
+                                       old_logprobs=old_lp.cpu(), temperature=0.8, mask=mask.cpu(),
+                                       tail=tail, return_stats=True, support=support.cpu())
+    assert_values(out, exp)
+    for a, b in zip(stats, exp_stats):
+        assert_values(a, b, atol=1e-5)
+    g = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(out, z, g.to(device, torch.float32))
+    (grad64,) = torch.autograd.grad(exp, z64, g)
+    assert_grads(grad, grad64, dtype)
+    if V > K:  # it is not dense topk_kl any more: the policy's own top-k has changed
+        assert not torch.equal(tike_cuda.topk_indices(z.detach(), K), support)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moved_policy_strided_views_and_no_sampled_token(device, gen):
+    B, T, V = 2, 6, 700
+    full = make_logits((B, T + 1, V), torch.bfloat16, device, generator=gen)
+    zr = make_logits((B, T, V), torch.bfloat16, device, generator=gen)
+    support = tike_cuda.topk_indices(make_logits((B, T, V), torch.bfloat16, device, generator=gen), 8)
+    sref = tike_cuda.sparse_reference(zr, support)
+    z = full[:, :-1].detach().requires_grad_()  # a strided view, read in place
+    for tail in ("none", "bucket"):
+        out = tike_cuda.topk_kl(z, sref, tail=tail)
+        z64 = z.detach().double().cpu().requires_grad_()
+        exp = topk_kl_reference(z64, zr.cpu(), 8, tail=tail, support=support.cpu())
+        assert_values(out, exp)
+        (grad,) = torch.autograd.grad(out.sum(), z)
+        (grad64,) = torch.autograd.grad(exp.sum(), z64)
+        assert_grads(grad, grad64, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_policy_row_and_masked_rows(device, gen):
+    V = 200
+    z = make_logits((4, V), torch.float32, device, generator=gen)
+    zr = make_logits((4, V), torch.float32, device, generator=gen)
+    sref = tike_cuda.sparse_reference(zr, tike_cuda.topk_indices(z, 8))
+    z[0, 3] = float("nan")
+    z[2] = float("nan")  # masked
+    z.requires_grad_()
+    mask = torch.tensor([True, True, False, True], device=device)
+    out = tike_cuda.topk_kl(z, sref, mask=mask, tail="bucket")
+    assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all() and out[2] == 0
+    out[1:].sum().backward()
+    assert z.grad[2].eq(0).all() and torch.isfinite(z.grad[1:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N", [0, 1])
+def test_zero_and_one_rows(device, N, gen):
+    z = make_logits((N, 50), torch.float32, device, generator=gen, requires_grad=True)
+    zr = make_logits((N, 50), torch.float32, device, generator=gen)
+    sref = tike_cuda.sparse_reference(zr, tike_cuda.topk_indices(z, 8))
+    out = tike_cuda.topk_kl(z, sref)
+    assert out.shape == (N,) and sref.nbytes == N * 8 * 8 + N * 4
+    out.sum().backward()
+    assert z.grad.shape == (N, 50)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_token_kl_and_inplace_backward(device, gen):
+    B, T, V = 3, 4, 900
+    z = make_logits((B, T, V), torch.float32, device, generator=gen, requires_grad=True)
+    zr = make_logits((B, T, V), torch.float32, device, generator=gen)
+    tok = torch.randint(0, V, (B, T), generator=gen).to(device)
+    old = (torch.randn(B, T, generator=gen) - 6).to(device)
+    mask = torch.rand(B, T, generator=gen).to(device) > 0.3
+    sref = tike_cuda.sparse_reference(zr, tike_cuda.topk_indices(z, K), sampled_tokens=tok, mask=mask)
+    for est, tail in (("tike", "none"), ("tike_bucket", "bucket")):
+        kw = dict(sampled_tokens=tok, old_logprobs=old, mask=mask)
+        a = tike_cuda.per_token_kl(z, sref, est, **kw)
+        b = tike_cuda.topk_kl(z, sref, tail=tail, **kw)
+        assert torch.equal(a, b)
+        (expected,) = torch.autograd.grad(b.sum(), z)
+        logits = z * 1
+        c = tike_cuda.topk_kl(logits, sref, tail=tail, inplace_backward=True, **kw)
+        (grad,) = torch.autograd.grad(c.sum(), z)
+        assert torch.equal(c, b) and torch.equal(grad, expected)
+        assert torch.equal(logits.detach(), expected)  # the buffer now holds the gradient
+    with pytest.raises(TypeError, match="ref_logits"):
+        tike_cuda.per_token_kl(z, sref, "k3", sampled_tokens=tok)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bitwise_reproducible(device, gen):
+    z = make_logits((9, 5000), torch.bfloat16, device, generator=gen, requires_grad=True)
+    zr = make_logits((9, 5000), torch.bfloat16, device, generator=gen)
+    runs = []
+    for _ in range(2):
+        sref = tike_cuda.sparse_reference(zr, tike_cuda.topk_indices(z, 32))
+        out = tike_cuda.topk_kl(z, sref, tail="bucket")
+        (grad,) = torch.autograd.grad(out.sum(), z)
+        runs.append((sref.logprobs, sref.tail_logmass, out, grad))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# ------------------------------------------------------------------------ the container
+
+def _store(device, gen, B=4, T=3, V=400, sampled=True):
+    zr = make_logits((B, T, V), torch.float32, device, generator=gen)
+    support = tike_cuda.topk_indices(make_logits((B, T, V), torch.float32, device, generator=gen), K)
+    tok = torch.randint(0, V, (B, T), generator=gen).to(device) if sampled else None
+    return tike_cuda.sparse_reference(zr, support, sampled_tokens=tok), tok
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_container_size_slicing_and_concatenation(device, gen):
+    sref, tok = _store(device, gen)
+    N = 12
+    assert sref.nbytes == N * (K + 1) * 8 + N * 4 and len(sref) == 4
+    z = make_logits((4, 3, 400), torch.float32, device, generator=gen)
+    whole = tike_cuda.topk_kl(z, sref, sampled_tokens=tok, tail="bucket")
+    # per micro-batch, then back together
+    parts = [sref[i:i + 2] for i in (0, 2)]
+    for i, part in zip((0, 2), parts):
+        assert torch.equal(tike_cuda.topk_kl(z[i:i + 2], part, sampled_tokens=tok[i:i + 2],
+                                             tail="bucket"), whole[i:i + 2])
+    cat = SparseReference.cat(parts)
+    assert all(torch.equal(getattr(cat, f), getattr(sref, f)) for f in ("idx", "logprobs", "tail_logmass"))
+    flat = sref.reshape(-1)
+    assert flat.shape == (N,) and torch.equal(flat.idx, sref.idx.reshape(N, K + 1))
+    picked = sref[torch.tensor([True, False, True, False], device=device)]
+    assert picked.shape == (2, 3) and torch.equal(picked.idx, sref.idx[::2])
+    assert torch.equal(sref[:, 1].tail_logmass, sref.tail_logmass[:, 1])
+    with pytest.raises(IndexError):
+        sref[..., 0]
+    with pytest.raises(ValueError, match="same k"):
+        SparseReference.cat([sref, _store(device, gen, sampled=False)[0]])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_container_save_load_and_move(device, gen, tmp_path):
+    sref, _ = _store(device, gen)
+    torch.save({"ref": sref}, tmp_path / "buffer.pt")
+    back = torch.load(tmp_path / "buffer.pt")["ref"]  # weights_only=True by default
+    assert isinstance(back, SparseReference) and back.k == sref.k
+    assert all(torch.equal(getattr(back, f), getattr(sref, f)) for f in ("idx", "logprobs", "tail_logmass"))
+    moved = sref.to("cpu")
+    assert moved.device.type == "cpu" and moved.idx.dtype == torch.int32
+    again = SparseReference.from_dict(moved.as_dict())
+    assert torch.equal(again.logprobs, moved.logprobs)
+
+
+def test_container_rejects_malformed_fields():
+    idx = torch.zeros(3, 5, dtype=torch.int32)
+    lp = torch.zeros(3, 5)
+    with pytest.raises(TypeError, match="idx"):
+        SparseReference(idx.long(), lp, torch.zeros(3), 4)
+    with pytest.raises(TypeError, match="logprobs"):
+        SparseReference(idx, lp.double(), torch.zeros(3), 4)
+    with pytest.raises(ValueError, match="tail_logmass"):
+        SparseReference(idx, lp, torch.zeros(4), 4)
+    with pytest.raises(ValueError, match="k"):
+        SparseReference(idx, lp, torch.zeros(3), 3)
+
+
+# ------------------------------------------------------------------------- bad input
+
+V_BAD = 50
+
+
+@pytest.fixture
+def bad_case():
+    g = torch.Generator().manual_seed(3)
+    zr = torch.randn(3, V_BAD, generator=g)
+    support = torch.stack([torch.randperm(V_BAD, generator=g)[:4] for _ in range(3)])
+    return zr, support
+
+
+@pytest.mark.parametrize("value", [-1, V_BAD])
+def test_support_out_of_range(bad_case, value):
+    zr, support = bad_case
+    support[1, 2] = value
+    with pytest.raises(ValueError, match=r"support must hold ids in \[0, V=50\)"):
+        tike_cuda.sparse_reference(zr, support)
+    with pytest.raises(RuntimeError, match="support must hold indices"):  # the C++ backstop
+        OPS.sparse_reference(zr, support, None, None, 1.0)
+    # a masked row is not read, so its support is not checked
+    tike_cuda.sparse_reference(zr, support, mask=torch.tensor([True, False, True]))
+
+
+def test_support_duplicate_ids(bad_case):
+    zr, support = bad_case
+    support[2, 3] = support[2, 0]
+    with pytest.raises(ValueError, match=r"support must not repeat an id within a row \(row \(2,\)\)"):
+        tike_cuda.sparse_reference(zr, support)
+    with pytest.raises(RuntimeError, match="must not repeat"):
+        OPS.sparse_reference(zr, support, None, None, 1.0)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (3,), (3, 0), (3, V_BAD + 1), (1, 3, 4)])
+def test_support_shape_mismatch(bad_case, shape):
+    zr, _ = bad_case
+    with pytest.raises(ValueError, match="support must have"):
+        tike_cuda.sparse_reference(zr, torch.zeros(shape, dtype=torch.long))
+
+
+def test_support_wrong_type(bad_case):
+    zr, support = bad_case
+    with pytest.raises(TypeError, match="support"):
+        tike_cuda.sparse_reference(zr, support.float())
+    with pytest.raises(TypeError, match="support"):
+        tike_cuda.sparse_reference(zr, support.tolist())
+    with pytest.raises(ValueError, match="support must be on"):
+        tike_cuda.sparse_reference(zr, support.to("meta"))
+    with pytest.raises(ValueError, match="sampled_tokens"):
+        tike_cuda.sparse_reference(zr, support, sampled_tokens=torch.tensor([0, 1, V_BAD]))
+    with pytest.raises(ValueError, match="k must"):
+        tike_cuda.topk_indices(zr, V_BAD + 1)
+    with pytest.raises(ValueError, match="temperature"):
+        tike_cuda.topk_indices(zr, 4, temperature=0.0)
+
+
+def test_store_does_not_match_the_update(bad_case):
+    zr, support = bad_case
+    tok = torch.tensor([1, 2, 3])
+    united = tike_cuda.sparse_reference(zr, support, sampled_tokens=tok)
+    plain = tike_cuda.sparse_reference(zr, support)
+    z = torch.randn(3, V_BAD)
+    with pytest.raises(ValueError, match="leading shape"):
+        tike_cuda.topk_kl(z[:2], united[:3])
+    with pytest.raises(ValueError, match="leading shape"):
+        tike_cuda.topk_kl(z.view(3, 1, V_BAD), united)
+    with pytest.raises(ValueError, match="support size 4"):
+        tike_cuda.topk_kl(z, united, 8)
+    tike_cuda.topk_kl(z, united, 4)  # its own k (or the default) is fine
+    with pytest.raises(ValueError, match="union_sampled=False"):
+        tike_cuda.topk_kl(z, united, sampled_tokens=tok, union_sampled=False)
+    with pytest.raises(ValueError, match="built without"):
+        tike_cuda.topk_kl(z, plain, sampled_tokens=tok)
+    # without union the sampled tokens give the IS weight only
+    tike_cuda.topk_kl(z, plain, sampled_tokens=tok, old_logprobs=torch.zeros(3), union_sampled=False)
+    with pytest.raises(ValueError, match=r"sampled_tokens differ .* \(row \(1,\)\)"):
+        other = tok.clone()
+        other[1] = [v for v in range(V_BAD) if v not in support[1].tolist() and v != 2][0]
+        tike_cuda.topk_kl(z, united, sampled_tokens=other)
+    with pytest.raises(ValueError, match="old_logprobs needs"):
+        tike_cuda.topk_kl(z, united, old_logprobs=torch.zeros(3))
+
+
+def test_hand_built_store_is_checked(bad_case):
+    zr, support = bad_case
+    sref = tike_cuda.sparse_reference(zr, support)
+    z = torch.randn(3, V_BAD)
+    bad = SparseReference(sref.idx.clone(), sref.logprobs, sref.tail_logmass, sref.k)
+    bad.idx[0, 1] = V_BAD
+    with pytest.raises(ValueError, match="ref_logits.idx must hold ids"):
+        tike_cuda.topk_kl(z, bad)
+    bad.idx[0, 1] = bad.idx[0, 0]
+    with pytest.raises(ValueError, match="ref_logits.idx must not repeat"):
+        tike_cuda.topk_kl(z, bad)
+    with pytest.raises(RuntimeError, match="idx must not repeat"):
+        OPS.topk_kl_sparse(z, bad.idx, bad.logprobs, bad.tail_logmass, None, None, None, 1.0, False)
+    with pytest.raises(ValueError, match="on the logits' device"):
+        tike_cuda.topk_kl(z.to("meta"), sref)
+
+
+# ---------------------------------------------------------------- registration, compile
+
+def _samples(device, gen):
+    z = make_logits((2, 3, 40), torch.float32, device, generator=gen, requires_grad=True)
+    zr = make_logits((2, 3, 40), torch.float32, device, generator=gen)
+    tokens = torch.randint(0, 40, (2, 3), generator=gen).to(device)
+    old = torch.randn(2, 3, generator=gen).to(device) - 4
+    mask = torch.tensor([[True, False, True], [True, True, False]], device=device)
+    return z, zr, tokens, old, mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device, gen):
+    z, zr, tokens, old, mask = _samples(device, gen)
+    rows = z.detach().reshape(6, 40)
+    support = tike_cuda.topk_indices(rows, 8)
+    torch.library.opcheck(OPS.topk_indices, (z.detach(), 8, mask.reshape(6)))
+    torch.library.opcheck(OPS.topk_indices, (z.detach(), 40, None))
+    for t in (None, tokens.reshape(6)):
+        torch.library.opcheck(OPS.sparse_reference, (zr, support, t, mask.reshape(6), 0.9))
+    sref = tike_cuda.sparse_reference(zr, support.view(2, 3, 8), sampled_tokens=tokens)
+    for tail in (False, True):
+        torch.library.opcheck(OPS.topk_kl_sparse, (z, sref.idx.reshape(6, 9), sref.logprobs.reshape(6, 9),
+                                                   sref.tail_logmass.reshape(6), tokens.reshape(6),
+                                                   old.reshape(6), mask.reshape(6), 0.9, tail))
+
+
+def _update_loss(logits, sref, tokens, old, mask):
+    """The update step of a GRPO-style loss with the stored reference."""
+    logp = tike_cuda.token_logprobs(logits, tokens)
+    kl = tike_cuda.topk_kl(logits, sref, sampled_tokens=tokens, old_logprobs=old, mask=mask,
+                           tail="bucket")
+    per_token = -torch.exp(logp - old) * 0.5 + 0.1 * kl
+    return (per_token * mask).sum() / mask.sum()
+
+
+def _rollout_and_reference(logits, ref_logits, tokens, mask):
+    support = tike_cuda.topk_indices(logits, 8, mask=mask)
+    return tike_cuda.sparse_reference(ref_logits, support, sampled_tokens=tokens, mask=mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(device, backend, gen):
+    z, zr, tokens, old, mask = _samples(device, gen)
+    sref = _rollout_and_reference(z.detach(), zr, tokens, mask)
+    sref_c = torch.compile(_rollout_and_reference, fullgraph=True, backend=backend)(
+        z.detach(), zr, tokens, mask)
+    assert all(torch.equal(getattr(sref_c, f), getattr(sref, f)) for f in ("idx", "logprobs", "tail_logmass"))
+    eager = _update_loss(z, sref, tokens, old, mask)
+    (g_eager,) = torch.autograd.grad(eager, z)
+    compiled = torch.compile(_update_loss, fullgraph=True, backend=backend)(z, sref, tokens, old, mask)
+    (g_comp,) = torch.autograd.grad(compiled, z)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_registered_once():
+    for name in ("topk_indices", "sparse_reference", "topk_kl_sparse"):
+        packet = getattr(OPS, name)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(packet.default.name(), "CPU")
