@@ -556,3 +556,44 @@ def test_registered_once():
     for name in ("topk_indices", "sparse_reference", "topk_kl_sparse"):
         packet = getattr(OPS, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(packet.default.name(), "CPU")
+
+
+# ---------------------------------------------------------------------- benchmark mode
+
+def test_bench_sparse_mode_runs(tmp_path):
+    from tike_cuda import bench
+    rc = bench.main(["--preset", "sparse-cpu", "--providers", "tike_cuda,eager", "--N", "4",
+                     "--V", "96", "--k", "4", "--repeats", "2", "--warmup", "0",
+                     "--out", str(tmp_path), "--no-progress", "--no-plot"])
+    assert rc == 0
+    import csv
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["op"], r["mode"], r["provider"]) for r in rows}
+    for provider in ("tike_cuda", "eager"):
+        for op, modes in (("topk_kl", ("fwd", "fwdbwd")), ("topk_kl_sparse", ("fwd", "fwdbwd")),
+                          ("sparse_reference", ("fwd",)), ("topk_indices", ("fwd",))):
+            assert all((op, m, provider) in got for m in modes)
+    assert len(rows) == 2 * 6
+    case = bench.Case("topk_kl_sparse", "fwd", 4, 96, 4, "fp32")
+    assert case.nbytes() == 4 * 96 * 4 + 4 * 5 * 8 + 4 * 4
+    assert "time ratio" in bench.sparse_summary(
+        [dict(r, N=int(r["N"]), V=int(r["V"]), k=int(r["k"]), p50_ms=float(r["p50_ms"])) for r in rows])
+
+
+def test_eager_baselines_compute_the_same(gen):
+    from tike_cuda import eager
+    z = make_logits((5, 300), torch.float32, "cpu", generator=gen)
+    zr = make_logits((5, 300), torch.float32, "cpu", generator=gen)
+    support = topk_ref(z, K)
+    tok = torch.randint(0, 300, (5,), generator=gen)
+    tok[0] = support[0, 2]
+    idx, lq, tail = eager.sparse_reference(zr, support, tok)
+    sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=tok)
+    assert torch.equal(idx, sref.idx)
+    torch.testing.assert_close(lq, sref.logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tail, sref.tail_logmass, rtol=1e-4, atol=1e-4)
+    old = torch.randn(5, generator=gen) - 6
+    out = eager.topk_kl_sparse(z, idx, lq, sampled_tokens=tok, old_logprobs=old)
+    assert_values(out, topk_kl_reference(z, zr, K, sampled_tokens=tok, old_logprobs=old), atol=1e-4)
+    assert torch.equal(eager.topk_indices(z, K), tike_cuda.topk_indices(z, K))

@@ -14,7 +14,9 @@
 #include <limits>
 
 #include "../kernels/full_kl.cuh"
+#include "../kernels/sparse.cuh"
 #include "../kernels/token_logprobs.cuh"
+#include "../kernels/topk_indices.cuh"
 #include "../kernels/topk_kl.cuh"
 #include "../ops_prepare.h"
 
@@ -164,6 +166,47 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logp,
   return c.grad;
 }
 
+// ------------------------------------------------------------------ fixed support
+
+at::Tensor topk_indices_cuda(const at::Tensor& logits, int64_t k,
+                             const c10::optional<at::Tensor>& mask) {
+  check_cuda_logits(logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto c = prepare_topk_indices(logits, k, mask);
+  if (c.args.N == 0) return c.idx;
+  if (k > cuda::kTopkSelectMaxK) {  // as topk_kl: a stable sort of each row
+    preselect_topk(c.logits, c.args.logits_layout, c.args.N, c.args.V, k, c.idx);
+    if (c.mask.has_value()) c.idx.masked_fill_(c.mask->logical_not().unsqueeze(1), -1);
+    return c.idx;
+  }
+  C10_CUDA_CHECK(cuda::topk_indices(c.args, stream()));
+  return c.idx;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_reference_cuda(
+    const at::Tensor& ref_logits, const at::Tensor& support,
+    const c10::optional<at::Tensor>& sampled, const c10::optional<at::Tensor>& mask,
+    double temperature) {
+  check_cuda_logits(ref_logits);
+  const c10::cuda::CUDAGuard guard(ref_logits.device());
+  const auto c = prepare_sparse_reference(ref_logits, support, sampled, mask, temperature);
+  if (c.args.N > 0) C10_CUDA_CHECK(cuda::sparse_reference(c.args, stream()));
+  return c.outputs();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_sparse_cuda(
+    const at::Tensor& logits, const at::Tensor& idx, const at::Tensor& ref_logprobs,
+    const at::Tensor& ref_tail_logmass, const c10::optional<at::Tensor>& sampled,
+    const c10::optional<at::Tensor>& old_lp, const c10::optional<at::Tensor>& mask,
+    double temperature, bool tail_bucket) {
+  check_cuda_logits(logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto c = prepare_topk_kl_sparse_forward(logits, idx, ref_logprobs, ref_tail_logmass,
+                                                sampled, old_lp, mask, temperature, tail_bucket);
+  if (c.args.N > 0) C10_CUDA_CHECK(cuda::topk_kl_sparse_forward(c.args, stream()));
+  return c.outputs();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tike_cuda, CUDA, m) {
@@ -174,6 +217,9 @@ TORCH_LIBRARY_IMPL(tike_cuda, CUDA, m) {
   m.impl("full_kl_backward", &full_kl_backward_cuda);
   m.impl("token_logprobs", &token_logprobs_cuda);
   m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
+  m.impl("topk_indices", &topk_indices_cuda);
+  m.impl("sparse_reference", &sparse_reference_cuda);
+  m.impl("topk_kl_sparse", &topk_kl_sparse_cuda);
 }
 
 }  // namespace tike
