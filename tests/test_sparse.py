@@ -476,6 +476,10 @@ def test_store_does_not_match_the_update(bad_case):
         tike_cuda.topk_kl(z, united, sampled_tokens=other)
     with pytest.raises(ValueError, match="old_logprobs needs"):
         tike_cuda.topk_kl(z, united, old_logprobs=torch.zeros(3))
+    masked = tike_cuda.sparse_reference(zr, support, mask=torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match=r"mask: row \(1,\) was masked"):
+        tike_cuda.topk_kl(z, masked)
+    tike_cuda.topk_kl(z, masked, mask=torch.tensor([True, False, True]))
 
 
 def test_hand_built_store_is_checked(bad_case):
@@ -597,3 +601,24 @@ def test_eager_baselines_compute_the_same(gen):
     out = eager.topk_kl_sparse(z, idx, lq, sampled_tokens=tok, old_logprobs=old)
     assert_values(out, topk_kl_reference(z, zr, K, sampled_tokens=tok, old_logprobs=old), atol=1e-4)
     assert torch.equal(eager.topk_indices(z, K), tike_cuda.topk_indices(z, K))
+
+
+def test_readme_three_calls_run():
+    """The README's rollout / reference / update snippet runs as written."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Without the reference's logits at update time"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    B, T, V = 4, 5, 300
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, T, V, generator=g).requires_grad_()
+    env = {"tike_cuda": tike_cuda, "old_logits": logits.detach() + 0.1 * torch.randn(B, T, V, generator=g),
+           "logits": logits, "ref_logits": torch.randn(B, T, V, generator=g),
+           "responses": torch.randint(0, V, (B, T), generator=g),
+           "old_logprobs": torch.randn(B, T, generator=g) - 5,
+           "response_mask": torch.rand(B, T, generator=g) > 0.2}
+    exec(compile(code, "README.md", "exec"), env)
+    assert env["kl"].shape == (B, T) and env["sref"].nbytes == B * T * (17 * 8 + 4)
+    env["kl"].sum().backward()
+    assert torch.isfinite(logits.grad).all()

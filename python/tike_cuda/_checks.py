@@ -171,11 +171,15 @@ def sparse_ref(ref, logits: Tensor, k, sampled_tokens: Optional[Tensor], union_s
                          "them. Build it with sampled_tokens=..., or pass union_sampled=False "
                          "to use them only for the importance weight")
     index_rows(ref.idx, logits.shape[-1], "ref_logits.idx", mask, allow_empty=True)
-    if ref.united and sampled_tokens is not None and ref.idx.device.type == "cpu" \
-            and not _tracing():
-        missing = ~(ref.idx == sampled_tokens.unsqueeze(-1)).any(-1)
-        if mask is not None:
-            missing &= mask
+    if ref.idx.device.type != "cpu" or _tracing():
+        return
+    live = torch.ones(lead, dtype=torch.bool) if mask is None else mask
+    empty = (ref.idx < 0).all(-1) & live  # only a row masked when the store was built
+    if empty.any():
+        raise ValueError(f"mask: row {_first_row(empty)} was masked when the SparseReference was "
+                         "built (its S~ is empty); pass the same mask")
+    if ref.united and sampled_tokens is not None:
+        missing = ~(ref.idx == sampled_tokens.unsqueeze(-1)).any(-1) & live
         if missing.any():
             raise ValueError("sampled_tokens differ from those the SparseReference was built "
                              f"with (row {_first_row(missing)})")
