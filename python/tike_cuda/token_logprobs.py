@@ -55,8 +55,8 @@ def _grad_formula(g_logp: Tensor, g_entropy: Optional[Tensor], logits: Tensor, t
     (1/τ) [g_lp (1[j=o] − p_j) − g_H p_j (log p_j + H)]."""
     log_p = torch.log_softmax(_autograd.flat_rows(logits, None) / temperature, -1)
     p = log_p.exp()
-    onehot = torch.zeros_like(p).scatter_(1, tokens.reshape(-1, 1), 1.0)
-    grad = g_logp.reshape(-1, 1).float() * (onehot - p)
+    onehot = torch.arange(p.shape[-1], device=p.device) == tokens.reshape(-1, 1)
+    grad = g_logp.reshape(-1, 1).float() * (onehot.float() - p)
     if g_entropy is not None:
         lp = torch.where(p > 0, log_p, torch.zeros((), device=p.device))  # p log p = 0 at p = 0
         H = -(p * lp).sum(-1, keepdim=True)
