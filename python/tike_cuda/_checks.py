@@ -134,24 +134,35 @@ def tokens(x, ref: Tensor, name: str, mask: Optional[Tensor] = None) -> Optional
     return x
 
 
+def _require(cond, message: str) -> None:
+    """ValueError(message) unless cond. While tracing (torch.compile; with dynamic=True the
+    value may be symbolic) through torch._check_value, which guards or asserts at run time;
+    the message must then not format the value (dynamo cannot trace such a closure)."""
+    if _tracing():
+        torch._check_value(cond, lambda: message)
+    elif not cond:
+        raise ValueError(message)
+
+
 def k_value(k, V):
-    """k in [1, V]; a symbolic k (torch.compile, dynamic=True) is checked with torch._check."""
+    """k in [1, V] (trace-friendly, see _require)."""
     if isinstance(k, bool) or not isinstance(k, _SYM_INT):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    torch._check_value(k >= 1, lambda: f"k must be in [1, V={V}], got {k}")
-    torch._check_value(k <= V, lambda: f"k must be in [1, V={V}], got {k}")
-    return k if isinstance(k, torch.SymInt) else int(k)
+    message = "k must be in [1, V]" if _tracing() else f"k must be in [1, V={V}], got {k}"
+    _require(k >= 1, message)
+    _require(k <= V, message)
+    return k if _tracing() else int(k)
 
 
 def temperature(t):
-    """A finite temperature > 0; symbolic under torch.compile(dynamic=True), else a float."""
+    """A finite temperature > 0 (trace-friendly, see _require): a float, or the traced value."""
     if isinstance(t, bool) or not isinstance(t, _SYM_REAL):
         raise TypeError(f"temperature must be a number, got {type(t).__name__}")
+    message = "temperature must be a finite number > 0" + ("" if _tracing() else f", got {t}")
     # Comparisons rather than math.isfinite, so that a symbolic float traces: NaN fails both.
-    msg = lambda: f"temperature must be a finite number > 0, got {t}"  # noqa: E731
-    torch._check_value(t > 0, msg)
-    torch._check_value(t < math.inf, msg)
-    return t if isinstance(t, (torch.SymInt, torch.SymFloat)) else float(t)
+    _require(t > 0, message)
+    _require(t < math.inf, message)
+    return t if _tracing() else float(t)
 
 
 def flag(x, name: str) -> bool:
