@@ -219,3 +219,13 @@ def test_func_grad_and_vmap_of_grad(device, op, gen):
         per_sample = torch.func.vmap(torch.func.grad(lambda x: (fused(x) * w.to(device)).sum()))(
             torch.stack([z, z]))
     torch.testing.assert_close(per_sample[1], got)
+
+
+def test_backward_ops_are_not_silently_differentiated(gen):
+    """A direct call of a backward kernel, differentiated: an error, not a zero."""
+    z, zr, _, _, _ = _inputs("cpu", gen)
+    z = z.requires_grad_()
+    out, lse_p, lse_q = torch.ops.tike_cuda.full_kl(z.detach(), zr, None, 1.0)
+    grad = torch.ops.tike_cuda.full_kl_backward(torch.ones(N), z, zr, out, lse_p, lse_q, None, 1.0)
+    with pytest.raises(RuntimeError, match="backward kernel with no derivative of its own"):
+        grad.sum().backward()

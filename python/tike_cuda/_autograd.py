@@ -69,6 +69,18 @@ def masked_rows(grad: Tensor, mask: Optional[Tensor]) -> Tensor:
     return torch.where(mask.reshape(-1, 1), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
+def register_not_differentiable(qualname: str) -> None:
+    """A backward op has no derivative of its own (the forward op's backward switches to a
+    differentiable formula instead): differentiating a direct call of it is an error, not
+    autograd's silent zero."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{qualname} is a backward kernel with no derivative of its own: "
+                           f"to differentiate twice, call the forward op (tike_cuda's public "
+                           f"function) and use create_graph=True")
+
+    torch.library.register_autograd(qualname, backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def eager_or_traced(function: type, op) -> Callable:
     """The autograd.Function in eager mode, the registered op under torch.compile: dynamo
     cannot trace a custom `jvp`, and the op carries the same backward for compiled graphs."""

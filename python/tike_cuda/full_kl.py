@@ -106,3 +106,4 @@ torch.library.register_autograd("tike_cuda::full_kl", _backward, setup_context=_
 _autograd.register_row_vmap("tike_cuda::full_kl", (LOGITS, LOGITS, ROWS, None), (ROWS,) * 3)
 _autograd.register_row_vmap("tike_cuda::full_kl_backward",
                             (ROWS, LOGITS, LOGITS, ROWS, ROWS, ROWS, ROWS, None), (LOGITS,))
+_autograd.register_not_differentiable("tike_cuda::full_kl_backward")

@@ -138,3 +138,4 @@ _autograd.register_row_vmap("tike_cuda::token_logprobs", (LOGITS, ROWS, None, No
                             (ROWS,) * 3)
 _autograd.register_row_vmap("tike_cuda::token_logprobs_backward",
                             (ROWS, ROWS, LOGITS, ROWS, ROWS, ROWS, None), (LOGITS,))
+_autograd.register_not_differentiable("tike_cuda::token_logprobs_backward")
