@@ -81,6 +81,26 @@ def register_not_differentiable(qualname: str) -> None:
     torch.library.register_autograd(qualname, backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def op_function(name: str, op, setup_context: Callable, backward: Callable, jvp: Callable,
+                differentiable: Sequence[int] = (0,)) -> type:
+    """The eager-mode autograd.Function of a registered op: the same setup_context (which
+    returns what it saved) and backward as its register_autograd, plus a JVP and a vmap
+    rule generated from the op's batching rule (register_row_vmap). Outputs not listed in
+    `differentiable` are marked non-differentiable."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_forward(*setup_context(ctx, inputs, output))
+        ctx.mark_non_differentiable(*(o for i, o in enumerate(output) if i not in differentiable))
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{op} with every autograd mode (eager): see tike_cuda._autograd.",
+        "generate_vmap_rule": True,
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward),
+        "jvp": staticmethod(jvp),
+    })
+
+
 def eager_or_traced(function: type, op) -> Callable:
     """The autograd.Function in eager mode, the registered op under torch.compile: dynamo
     cannot trace a custom `jvp`, and the op carries the same backward for compiled graphs."""

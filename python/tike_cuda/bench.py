@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import eager, report
-from .measure import Timer, peak_extra_mib, percentile
+from .measure import Timer, peak_extra_mib, percentile, proc_status_kib
 from .report import progress
 
 OPS = ("topk_kl", "full_kl", "token_logprobs")
@@ -232,17 +232,9 @@ def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        return _proc_status_meminfo("MemAvailable") * 1024
+        return proc_status_kib("MemAvailable", "/proc/meminfo") * 1024
     except OSError:
         return 1 << 62
-
-
-def _proc_status_meminfo(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(field)
 
 
 def environment(device: torch.device) -> Dict[str, str]:

@@ -78,31 +78,17 @@ def _backward(ctx, grad_out, *_unused):
     return grad, None, None, None
 
 
-class _FullKl(torch.autograd.Function):
-    """The op with every autograd mode (eager): see _autograd."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(logits, ref_logits, mask, temperature):
-        return _op.full_kl(logits, ref_logits, mask, temperature)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(*_setup_context(ctx, inputs, output))
-        ctx.mark_non_differentiable(*output[1:])
-
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def jvp(ctx, t_logits, *_unused):
-        logits, ref_logits, out, lse_p, lse_q, mask = ctx.saved_tensors
-        rows = _op.full_kl_backward(torch.ones_like(out), logits, ref_logits, out, lse_p, lse_q,
-                                    mask, ctx.temperature)
-        return _autograd.jvp_of_rows(rows, t_logits), None, None
+def _jvp(ctx, t_logits, *_unused):
+    logits, ref_logits, out, lse_p, lse_q, mask = ctx.saved_tensors
+    rows = _op.full_kl_backward(torch.ones_like(out), logits, ref_logits, out, lse_p, lse_q,
+                                mask, ctx.temperature)
+    return _autograd.jvp_of_rows(rows, t_logits), None, None
 
 
+# The op's autograd (what torch.compile sees), its eager Function, its batching rules.
 torch.library.register_autograd("tike_cuda::full_kl", _backward, setup_context=_setup_context)
+_FullKl = _autograd.op_function("_FullKl", _op.full_kl, _setup_context, _backward, _jvp,
+                                differentiable=(0,))
 _autograd.register_row_vmap("tike_cuda::full_kl", (LOGITS, LOGITS, ROWS, None), (ROWS,) * 3)
 _autograd.register_row_vmap("tike_cuda::full_kl_backward",
                             (ROWS, LOGITS, LOGITS, ROWS, ROWS, ROWS, ROWS, None), (LOGITS,))

@@ -66,9 +66,10 @@ def percentile(xs: List[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def proc_status_kib(field: str) -> int:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM); OSError where there is none."""
-    with open("/proc/self/status") as f:
+def proc_status_kib(field: str, path: str = "/proc/self/status") -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) or of another such file
+    (/proc/meminfo: MemAvailable); OSError where there is none."""
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])

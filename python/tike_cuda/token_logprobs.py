@@ -99,41 +99,27 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     return grad, None, None, None
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    """The op with every autograd mode (eager): see _autograd."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(logits, tokens, temperature, with_entropy):
-        return _op.token_logprobs(logits, tokens, temperature, with_entropy)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(*_setup_context(ctx, inputs, output))
-        ctx.mark_non_differentiable(output[2])
-
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def jvp(ctx, t_logits, *_unused):
-        logits, tokens, lse, entropy = ctx.saved_tensors
-        ones = torch.ones_like(lse)
-        rows = _op.token_logprobs_backward(ones, None, logits, tokens, lse, entropy,
-                                           ctx.temperature)
-        t_logp = _autograd.jvp_of_rows(rows, t_logits)
-        t_entropy = None
-        if ctx.with_entropy and t_logits is not None:
-            rows = _op.token_logprobs_backward(torch.zeros_like(lse), ones, logits, tokens, lse,
-                                               entropy, ctx.temperature)
-            t_entropy = _autograd.jvp_of_rows(rows, t_logits)
-        elif t_logits is not None:
-            t_entropy = torch.zeros_like(entropy)
-        return t_logp, t_entropy, None
+def _jvp(ctx, t_logits, *_unused):
+    logits, tokens, lse, entropy = ctx.saved_tensors
+    ones = torch.ones_like(lse)
+    rows = _op.token_logprobs_backward(ones, None, logits, tokens, lse, entropy,
+                                       ctx.temperature)
+    t_logp = _autograd.jvp_of_rows(rows, t_logits)
+    t_entropy = None
+    if ctx.with_entropy and t_logits is not None:
+        rows = _op.token_logprobs_backward(torch.zeros_like(lse), ones, logits, tokens, lse,
+                                           entropy, ctx.temperature)
+        t_entropy = _autograd.jvp_of_rows(rows, t_logits)
+    elif t_logits is not None:
+        t_entropy = torch.zeros_like(entropy)
+    return t_logp, t_entropy, None
 
 
+# The op's autograd (what torch.compile sees), its eager Function, its batching rules.
 torch.library.register_autograd("tike_cuda::token_logprobs", _backward,
                                 setup_context=_setup_context)
+_TokenLogprobs = _autograd.op_function("_TokenLogprobs", _op.token_logprobs, _setup_context,
+                                       _backward, _jvp, differentiable=(0, 1))
 _autograd.register_row_vmap("tike_cuda::token_logprobs", (LOGITS, ROWS, None, None),
                             (ROWS,) * 3)
 _autograd.register_row_vmap("tike_cuda::token_logprobs_backward",

@@ -167,32 +167,17 @@ def _backward(ctx, grad_out, *_unused):
     return grad, None, None, None, None, None, None, None, None
 
 
-class _TopkKl(torch.autograd.Function):
-    """The op with every autograd mode (eager): see _autograd."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(logits, ref_logits, k, tokens, old, mask, temperature, union, tail_bucket):
-        return _op.topk_kl(logits, ref_logits, k, tokens, old, mask, temperature, union,
-                           tail_bucket)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(*_setup_context(ctx, inputs, output))
-        ctx.mark_non_differentiable(*output[1:])
-
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def jvp(ctx, t_logits, *_unused):
-        logits, lse, idx, coef, shift, mask, _, _ = ctx.saved_tensors
-        rows = _op.topk_kl_backward(torch.ones_like(lse), logits, lse, idx, coef, shift, mask,
-                                    ctx.temperature)
-        return (_autograd.jvp_of_rows(rows, t_logits),) + (None,) * 5
+def _jvp(ctx, t_logits, *_unused):
+    logits, lse, idx, coef, shift, mask, _, _ = ctx.saved_tensors
+    rows = _op.topk_kl_backward(torch.ones_like(lse), logits, lse, idx, coef, shift, mask,
+                                ctx.temperature)
+    return (_autograd.jvp_of_rows(rows, t_logits),) + (None,) * 5
 
 
+# The op's autograd (what torch.compile sees), its eager Function, its batching rules.
 torch.library.register_autograd("tike_cuda::topk_kl", _backward, setup_context=_setup_context)
+_TopkKl = _autograd.op_function("_TopkKl", _op.topk_kl, _setup_context, _backward, _jvp,
+                                differentiable=(0,))
 _autograd.register_row_vmap("tike_cuda::topk_kl",
                             (LOGITS, LOGITS, None, ROWS, ROWS, ROWS, None, None, None),
                             (ROWS, ROWS, ROWS_K, ROWS_K, ROWS, ROWS_K))
