@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tike_cuda
+from tike_cuda import _inplace
 
 from conftest import DEVICES, make_logits
 
@@ -65,11 +66,15 @@ def test_second_inplace_use_refused(device, gen):
     with pytest.raises(ValueError, match="already given to an in-place topk_kl"):
         tike_cuda.topk_kl(z[1:3], zr[1:3], 8, inplace_backward=True)  # a view of the same rows
     b = tike_cuda.topk_kl(z, zr, 8)  # the default path is fine
+    key = z.untyped_storage().data_ptr()
+    assert key in _inplace._pending
     (a.sum() + b.sum()).backward()
-    # after its backward the buffer is free again; so is a graph dropped without backward
+    assert key not in _inplace._pending  # released at backward: nothing accumulates
+    # a graph dropped without backward frees the buffer too
     _, z2 = _activation((4, V), device, gen)
     tike_cuda.topk_kl(z2, _ref(z2), 4, inplace_backward=True)
     tike_cuda.topk_kl(z2, _ref(z2), 4, inplace_backward=True)  # the first graph is gone
+    assert z2.untyped_storage().data_ptr() not in _inplace._pending
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -70,23 +70,31 @@ def _rows_overlap(a: Tensor, row_a: int, b: Tensor, row_b: int) -> bool:
 
 
 class _Pending:
-    """Alive (held by the autograd graph) and not done: the logits still await a backward."""
+    """One in-place call whose backward has not run: held by its autograd graph, it
+    leaves the registry at that backward, or when the graph is freed without one."""
 
-    done = False
+    def __init__(self, logits: Tensor):
+        self.key = logits.untyped_storage().data_ptr()
+        self.starts = torch.sort(_row_starts(logits)).values
+        self.row = logits.shape[-1] * logits.element_size()
+        _pending.setdefault(self.key, weakref.WeakSet()).add(self)
+        weakref.finalize(self, _prune, self.key)
+
+    def release(self) -> None:
+        uses = _pending.get(self.key)
+        if uses is not None:
+            uses.discard(self)
+        _prune(self.key)
 
 
-# storage address -> the in-place calls on it whose backward has not run yet
-_pending: Dict[int, List[Tuple["weakref.ref[_Pending]", Tensor, int]]] = {}
+# storage address -> the in-place calls on that storage whose backward has not run yet
+_pending: Dict[int, "weakref.WeakSet[_Pending]"] = {}
 
 
-def _live_uses(key: int):
-    uses = [(ref, starts, row) for ref, starts, row in _pending.get(key, ())
-            if ref() is not None and not ref().done]
-    if uses:
-        _pending[key] = uses
-    else:
-        _pending.pop(key, None)
-    return uses
+def _prune(key: int) -> None:
+    # iterate rather than len(): a WeakSet may still count a reference that just died
+    if key in _pending and not any(True for _ in _pending[key]):
+        del _pending[key]
 
 
 def check_target(logits: Tensor) -> None:
@@ -112,23 +120,12 @@ def check_target(logits: Tensor) -> None:
         raise ValueError("topk_kl(inplace_backward=True): rows of logits share memory (an "
                          "expand()ed or stride-0 view), so one row's gradient would overwrite "
                          f"another row's logits: pass logits.contiguous() or {_HOW}")
-    key = logits.untyped_storage().data_ptr()
-    for _, other, other_row in _live_uses(key):
-        if _rows_overlap(other, other_row, starts, row):
+    for use in list(_pending.get(logits.untyped_storage().data_ptr(), ())):
+        if _rows_overlap(use.starts, use.row, starts, row):
             raise ValueError("topk_kl(inplace_backward=True): these logits were already given to "
                              "an in-place topk_kl whose backward has not run; its backward would "
                              "overwrite them before this one reads them. Run that backward first, "
                              f"or {_HOW} for all but one of the calls")
-
-
-def _register(logits: Tensor) -> _Pending:
-    token = _Pending()
-    starts = torch.sort(_row_starts(logits)).values
-    key = logits.untyped_storage().data_ptr()
-    _live_uses(key)
-    _pending.setdefault(key, []).append((weakref.ref(token), starts,
-                                         logits.shape[-1] * logits.element_size()))
-    return token
 
 
 class TopkKlInplaceBackward(torch.autograd.Function):
@@ -142,7 +139,7 @@ class TopkKlInplaceBackward(torch.autograd.Function):
         # Held, not saved: its buffer is about to become the gradient, which autograd's
         # saved-tensor version check would (rightly) refuse.
         ctx.logits, ctx.mask, ctx.temperature = logits, mask, temperature
-        ctx.pending = _register(logits)  # dropped with the graph, or done at backward
+        ctx.pending = _Pending(logits)  # released at backward, or freed with the graph
         ctx.mark_non_differentiable(stats)
         return out, stats
 
@@ -158,7 +155,7 @@ class TopkKlInplaceBackward(torch.autograd.Function):
         lse, idx, coef, shift = ctx.saved_tensors
         buf = ctx.logits.detach()
         ctx.logits = None
-        ctx.pending.done = True
+        ctx.pending.release()
         torch.ops.tike_cuda.topk_kl_backward_(grad_out.contiguous(), buf, lse, idx, coef, shift,
                                               ctx.mask, ctx.temperature)
         # The schema declares the mutation, but a C++ custom op does not bump the version

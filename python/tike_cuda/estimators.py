@@ -151,7 +151,10 @@ def per_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, estimator: str,
     if sampled_tokens is None:
         raise ValueError(f"sampled_tokens is required for estimator {estimator!r}")
     _checks.logits(logits)
-    _checks.like_logits(ref_logits, logits, "ref_logits")
+    _checks.logits(ref_logits, "ref_logits")  # its own dtype is fine: only log q(o) is read
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, got "
+                         f"{tuple(ref_logits.shape)}")
     logp = _ops.token_logprobs(logits, sampled_tokens, temperature=temperature, mask=mask)
     ref_logp = _ops.token_logprobs(ref_logits.detach(), sampled_tokens, temperature=temperature,
                                    mask=mask)
