@@ -14,8 +14,10 @@
   the batch's rows (:func:`register_row_vmap`), not a loop.
 
 In eager mode the public functions go through a ``torch.autograd.Function`` carrying all
-of this (torch.func needs ``setup_context`` / ``jvp`` there); under ``torch.compile``
-they call the registered op, whose ``register_autograd`` formula is the same backward.
+of this (:func:`op_function`; torch.func needs ``setup_context`` / ``jvp`` there); under
+``torch.compile`` they call the registered op, whose ``register_autograd`` formula is the
+same backward. A backward op differentiated directly raises
+(:func:`register_not_differentiable`) instead of autograd's silent zero.
 """
 from __future__ import annotations
 

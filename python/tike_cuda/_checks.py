@@ -31,7 +31,7 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _functorch_wrapped(x: Tensor) -> bool:
+def functorch_wrapped(x: Tensor) -> bool:
     """Whether `x` is a torch.func transform's wrapper (vmap's BatchedTensor, grad's ...)."""
     return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
@@ -41,7 +41,7 @@ def data_checks_possible(*tensors: Optional[Tensor]) -> bool:
     eager (not traced), every tensor on the CPU (no device sync) and none batched by vmap."""
     if _tracing():
         return False
-    return all(t is None or (t.device.type == "cpu" and not _functorch_wrapped(t)) for t in tensors)
+    return all(t is None or (t.device.type == "cpu" and not functorch_wrapped(t)) for t in tensors)
 
 
 def _tensor(x, name: str, optional: bool = False) -> None:

@@ -102,7 +102,7 @@ def check_target(logits: Tensor) -> None:
     if torch.compiler.is_compiling():
         raise ValueError("topk_kl(inplace_backward=True) is eager-only: under torch.compile "
                          f"{_HOW} (the compiler plans the gradient buffer itself)")
-    if _checks._functorch_wrapped(logits) or _autograd.forward_ad_active(logits):
+    if _checks.functorch_wrapped(logits) or _autograd.forward_ad_active(logits):
         raise ValueError("topk_kl(inplace_backward=True) does not work under torch.func "
                          f"transforms (grad, vmap, jvp, ...) or forward-mode AD: {_HOW}")
     if logits.is_leaf:
