@@ -622,3 +622,84 @@ def test_readme_three_calls_run():
     assert env["kl"].shape == (B, T) and env["sref"].nbytes == B * T * (17 * 8 + 4)
     env["kl"].sum().backward()
     assert torch.isfinite(logits.grad).all()
+
+
+# ------------------------------------------------- every autograd mode, as dense topk_kl
+
+def _moved(device, gen, dtype=torch.float32):
+    """Logits that moved since the support was taken, the store, and the float64
+    reference of TIKE on that fixed support — as functions of the logits."""
+    N, V = 6, 37
+    old = make_logits((N, V), dtype, device, scale=1.5, generator=gen)
+    z = (old.float() + 0.5 * torch.randn(N, V, generator=gen).to(device)).to(dtype)
+    zr = make_logits((N, V), dtype, device, scale=1.5, generator=gen)
+    tok = torch.randint(0, V, (N,), generator=gen).to(device)
+    old_lp = (0.3 * torch.randn(N, generator=gen) - 3.6).to(device)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1], device=device)  # verl-style integer mask
+    tok = torch.where(mask.bool(), tok, -100)  # padding where masked
+    support = tike_cuda.topk_indices(old, 5, mask=mask)
+    sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=tok, temperature=0.7, mask=mask)
+    kw = dict(sampled_tokens=tok, old_logprobs=old_lp, temperature=0.7, mask=mask, tail="bucket")
+    kw64 = {n: (v.cpu() if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
+    kw64["mask"] = kw64["mask"].bool()
+    kw64["sampled_tokens"] = torch.where(kw64["mask"], kw64["sampled_tokens"], 0)
+    sup64 = torch.where(kw64["mask"].unsqueeze(-1), support.cpu(), torch.arange(5))
+    fused = lambda x: tike_cuda.topk_kl(x, sref, **kw)  # noqa: E731
+    ref = lambda x: topk_kl_reference(x, zr.cpu(), 5, support=sup64, **kw64)  # noqa: E731
+    return z, fused, ref
+
+
+def _close64(actual, expected, rtol):
+    exp = expected.double().cpu()
+    scale = max(exp.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual.double().cpu(), exp, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_jvp_and_func_grad(device, gen):
+    z, fused, ref = _moved(device, gen)
+    N, V = z.shape
+    w = torch.randn(N, generator=gen, dtype=torch.float64)
+    v = torch.randn(N, V, generator=gen, dtype=torch.float64)
+
+    def hvp(fn, x, w, v):
+        x = x.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad((fn(x) * w).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), x)
+        return g.detach(), h
+
+    g, h = hvp(fused, z, w.float().to(device), v.float().to(device))
+    g64, h64 = hvp(ref, z.double().cpu(), w, v)
+    assert h64.abs().max() > 0.05
+    _close64(g, g64, 2e-5)
+    _close64(h, h64, 1e-4)
+    t = torch.randn(N, V, generator=gen)
+    _, got = torch.func.jvp(fused, (z,), (t.to(device),))
+    _, exp = torch.func.jvp(ref, (z.double().cpu(),), (t.double(),))
+    _close64(got, exp, 1e-5)
+    got = torch.func.grad(lambda x: (fused(x) * w.float().to(device)).sum())(z)
+    _close64(got, g64, 2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_matches_a_loop(device, gen):
+    B, N, V = 3, 6, 37
+    zs = make_logits((B, N, V), torch.float32, device, generator=gen)
+    zr = make_logits((B, N, V), torch.float32, device, generator=gen)
+    tok = torch.randint(0, V, (B, N), generator=gen).to(device)
+
+    def store(z, r, t):
+        return tike_cuda.sparse_reference(r, tike_cuda.topk_indices(z, 4), sampled_tokens=t)
+
+    def kl(z, r, t):
+        return tike_cuda.topk_kl(z + 0.1, store(z, r, t), sampled_tokens=t, tail="bucket")
+
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. a missing batching rule
+        got = torch.func.vmap(kl)(zs, zr, tok)
+        exp = torch.stack([kl(zs[b], zr[b], tok[b]) for b in range(B)])
+        torch.testing.assert_close(got, exp)
+        got = torch.func.vmap(kl, in_dims=(0, None, None))(zs, zr[0], tok[0])
+        exp = torch.stack([kl(zs[b], zr[0], tok[0]) for b in range(B)])
+        torch.testing.assert_close(got, exp)

@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_reference_cpu(
     double temperature) {
   const auto c = prepare_sparse_reference(ref_logits, support, sampled, mask, temperature);
   check_support_rows(c.sorted, c.mask, c.args.V, false, "support");
-  if (c.tokens.has_value()) check_token_range(*c.tokens, c.args.V, "sampled_tokens");
+  if (c.tokens.has_value()) check_token_range(*c.tokens, c.args.V, "sampled_tokens", c.mask);
   at::parallel_for(0, c.args.N, cpu_grain_rows(c.args.V),
                    [&](int64_t b, int64_t e) { cpu::sparse_reference_rows(c.args, b, e); });
   return c.outputs();
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_s
   const auto c = prepare_topk_kl_sparse_forward(logits, idx, ref_logprobs, ref_tail_logmass,
                                                 sampled, old_lp, mask, temperature, tail_bucket);
   check_support_rows(c.sorted, c.mask, c.args.V, true, "idx");
-  if (c.tokens.has_value()) check_token_range(*c.tokens, c.args.V, "sampled_tokens");
+  if (c.tokens.has_value()) check_token_range(*c.tokens, c.args.V, "sampled_tokens", c.mask);
   at::parallel_for(0, c.args.N, cpu_grain_rows(c.args.V),
                    [&](int64_t b, int64_t e) { cpu::topk_kl_sparse_rows(c.args, b, e); });
   return c.outputs();

@@ -29,7 +29,8 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _autograd, _checks, _inplace
+from ._autograd import LOGITS, ROWS, ROWS_K
 from .reference import TopkStats
 
 __all__ = ["SparseReference", "topk_indices", "sparse_reference"]
@@ -187,13 +188,14 @@ def topk_indices(logits: Tensor, k: int, *, temperature: float = 1.0,
     The same S as :func:`topk_kl` takes (ties to the lower index; NaN ranks as −inf, −0 as
     +0), found by the same fused single pass, without the KL. ``temperature`` (> 0) does
     not change the order; it is accepted so that a rollout can pass the one it sampled
-    with. ``mask`` (bool, ``logits.shape[:-1]``): False rows are not read and give −1.
+    with. ``mask`` (bool or 0/1, ``logits.shape[:-1]``): masked rows are not read and
+    give −1.
     No gradient (indices).
     """
     _checks.logits(logits)
     k = _checks.k_value(k, logits.shape[-1])
     _checks.temperature(temperature)
-    mask = _checks.per_token(mask, logits, "mask", "bool")
+    mask = _checks.mask(mask, logits)
     idx = torch.ops.tike_cuda.topk_indices(logits.detach(), k, _checks.rows(mask, torch.bool))
     return idx.reshape(*logits.shape[:-1], k)
 
@@ -210,14 +212,15 @@ def sparse_reference(ref_logits: Tensor, support: Tensor, *,
     the support its slot holds −1). Returns a :class:`SparseReference` with
     ``log q_v`` on S~ and ``log t_q = log Σ_{v∉S~} q_v`` taken from a direct sum over the
     tail (so a tail of 1e-12 keeps its digits; never ``1 − Σ_{S~} q``).
-    ``temperature``: the τ of the loss. ``mask`` (bool ``[...]``): False rows are not
-    read (their support is not checked either) and hold an empty S~.
+    ``temperature``: the τ of the loss. ``mask`` (bool or 0/1 ``[...]``): masked rows
+    are not read (nor checked: their support and sampled token may be padding) and hold
+    an empty S~.
     The reference is frozen: no gradient flows into ``ref_logits``.
     """
     _checks.logits(ref_logits, "ref_logits")
-    mask = _checks.per_token(mask, ref_logits, "mask", "bool")
+    mask = _checks.mask(mask, ref_logits)
     support = _checks.support(support, ref_logits, mask)
-    sampled_tokens = _checks.tokens(sampled_tokens, ref_logits, "sampled_tokens")
+    sampled_tokens = _checks.tokens(sampled_tokens, ref_logits, "sampled_tokens", mask)
     temperature = _checks.temperature(temperature)
     k = support.shape[-1]
     idx, logprobs, tail = torch.ops.tike_cuda.sparse_reference(
@@ -236,12 +239,12 @@ def topk_kl_sparse(logits: Tensor, ref: SparseReference, k, *, sampled_tokens, o
     from one pass over each policy row (log-sum-exp, and the policy's tail mass for
     ``tail="bucket"``) and K1 gathers."""
     _checks.logits(logits)
-    sampled_tokens = _checks.tokens(sampled_tokens, logits, "sampled_tokens")
+    mask = _checks.mask(mask, logits)
+    sampled_tokens = _checks.tokens(sampled_tokens, logits, "sampled_tokens", mask)
     old_logprobs = _checks.per_token(old_logprobs, logits, "old_logprobs", "float")
     if old_logprobs is not None and sampled_tokens is None:
         raise ValueError("old_logprobs needs sampled_tokens (the IS weight is taken at the sampled token)")
     temperature = _checks.temperature(temperature)
-    mask = _checks.per_token(mask, logits, "mask", "bool")
     _checks.flag(union_sampled, "union_sampled")
     _checks.choice(tail, "tail", ("none", "bucket"))
     _checks.flag(return_stats, "return_stats")
@@ -253,10 +256,12 @@ def topk_kl_sparse(logits: Tensor, ref: SparseReference, k, *, sampled_tokens, o
             ref.tail_logmass.reshape(-1), _checks.rows(sampled_tokens, torch.int64),
             _checks.rows(old_logprobs, torch.float32), _checks.rows(mask, torch.bool),
             temperature, tail == "bucket")
-    if inplace_backward and logits.requires_grad:
+    if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
+        _inplace.check_target(logits)
         out, stats = _SparseInplaceBackward.apply(*args)
     else:
-        out, _, _, _, stats = torch.ops.tike_cuda.topk_kl_sparse(*args)
+        outs = _autograd.eager_or_traced(_TopkKlSparse, torch.ops.tike_cuda.topk_kl_sparse)(*args)
+        out, stats = outs[0], outs[4]
     shape = logits.shape[:-1]
     out = out.reshape(shape)
     if not return_stats:
@@ -292,27 +297,48 @@ def _topk_kl_sparse_fake(logits, idx, ref_logprobs, ref_tail_logmass, sampled_to
 
 
 def _setup_context(ctx, inputs, output):
-    # Saved as topk_kl saves them, so that its backward (topk_kl_backward with this idx:
-    # the gradient formula does not care how S~ was chosen) serves both.
-    logits, idx, _, _, _, _, mask, temperature, _ = inputs
-    _, lse, coef, shift, _ = output
-    ctx.save_for_backward(logits, lse, idx, coef, shift, mask)
+    # Saved as topk_kl saves them, so that its backward serves both: the fused
+    # topk_kl_backward with this idx (the gradient formula does not care how S~ was
+    # chosen), or its differentiable formula for higher derivatives, which needs only idx,
+    # coef, the stats' log p_o and old_logprobs (log q and t_q enter through coef).
+    logits, idx, _, _, _, old, mask, temperature, tail_bucket = inputs
+    _, lse, coef, shift, stats = output
+    saved = (logits, lse, idx, coef, shift, mask, stats, old)
+    ctx.save_for_backward(*saved)
     ctx.temperature = temperature
+    ctx.tail_bucket = tail_bucket
+    return saved
 
 
 def _backward(ctx, *grads):
-    # topk_kl.py imports this module (its dispatch), so its helpers are looked up late.
+    # topk_kl.py imports this module (its dispatch), so its backward is looked up late.
     from .topk_kl import _backward as dense_backward
     return dense_backward(ctx, *grads)
 
 
+def _jvp(ctx, t_logits, *_unused):
+    logits, lse, idx, coef, shift, mask, _, _ = ctx.saved_tensors
+    rows = torch.ops.tike_cuda.topk_kl_backward(torch.ones_like(lse), logits, lse, idx, coef,
+                                                shift, mask, ctx.temperature)
+    return (_autograd.jvp_of_rows(rows, t_logits),) + (None,) * 4
+
+
+# The op's autograd (what torch.compile sees), its eager Function, the batching rules.
 torch.library.register_autograd("tike_cuda::topk_kl_sparse", _backward,
                                 setup_context=_setup_context)
+_TopkKlSparse = _autograd.op_function("_TopkKlSparse", torch.ops.tike_cuda.topk_kl_sparse,
+                                      _setup_context, _backward, _jvp, differentiable=(0,))
+_autograd.register_row_vmap("tike_cuda::topk_kl_sparse",
+                            (LOGITS, ROWS_K, ROWS_K, ROWS, ROWS, ROWS, ROWS, None, None),
+                            (ROWS, ROWS, ROWS_K, ROWS, ROWS_K))
+_autograd.register_row_vmap("tike_cuda::sparse_reference", (LOGITS, ROWS_K, ROWS, ROWS, None),
+                            (ROWS_K, ROWS_K, ROWS))
+_autograd.register_row_vmap("tike_cuda::topk_indices", (LOGITS, None, ROWS), (ROWS_K,))
 
 
-class _SparseInplaceBackward(torch.autograd.Function):
+class _SparseInplaceBackward(_inplace.TopkKlInplaceBackward):
     """topk_kl_sparse whose backward overwrites the logits buffer with the gradient: the
-    forward keeps what topk_kl's in-place variant keeps, and its backward is reused."""
+    forward keeps what topk_kl's in-place variant keeps, whose backward it inherits."""
 
     @staticmethod
     def forward(ctx, logits, idx, ref_logprobs, ref_tail, tokens, old, mask, temperature,
@@ -321,10 +347,6 @@ class _SparseInplaceBackward(torch.autograd.Function):
             logits, idx, ref_logprobs, ref_tail, tokens, old, mask, temperature, tail_bucket)
         ctx.save_for_backward(lse, idx, coef, shift)
         ctx.logits, ctx.mask, ctx.temperature = logits, mask, temperature
+        ctx.pending = _inplace._Pending(logits)  # released at backward, or with the graph
         ctx.mark_non_differentiable(stats)
         return out, stats
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_stats):
-        from .topk_kl import _TopkKlInplaceBackward
-        return _TopkKlInplaceBackward.backward(ctx, grad_out, grad_stats)
