@@ -7,8 +7,10 @@ something; the optimizer is plain SGD, because Adam's first step is lr * sign(g)
 and would turn a rounding-level gradient difference in a near-zero entry into a full step.
 """
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,12 +89,14 @@ def test_k3_reproduces_trl_step_by_step(tiny, tmp_path, loss_type):
     dict(loss_type="vespo"), dict(loss_type="grpo", importance_sampling_level="sequence"),
     dict(loss_type="dapo", use_bias_correction_kl=False),
     dict(loss_type="bnpo", gradient_accumulation_steps=2, temperature=0.7),
+    dict(loss_type="dr_grpo", entropy_coef=0.01),  # TRL then logs policy_loss, KL included
 ], ids=lambda o: "-".join(f"{v}" for v in o.values()))
 def test_k3_reproduces_trl_every_reduction(tiny, tmp_path, overrides):
     _, theirs = _train(GRPOTrainer, _args(GRPOConfig, tmp_path, **overrides), tiny)
     _, ours = _train(TikeGRPOTrainer,
                      _args(TikeGRPOConfig, tmp_path, kl_estimator="k3", **overrides), tiny)
-    _assert_same_steps(ours, theirs, keys=("kl",))
+    _assert_same_steps(ours, theirs, keys=("kl", "policy_loss") if "entropy_coef" in overrides
+                       else ("kl",))
     # VESPO's loss is -phi * A * log p: terms of a few nats that cancel to a fraction of one,
     # so the rounding of log p (not of the KL) shows at 1e-6 of the sum after a step.
     _assert_same_steps(ours, theirs, keys=("loss",),
@@ -181,7 +185,7 @@ def test_output_logits_are_float32_outside_autocast(tiny):
     lm = AutoModelForCausalLM.from_pretrained(tiny[0]).to(torch.bfloat16)
     hidden = torch.randn(2, 3, lm.config.hidden_size, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = TikeGRPOTrainer._output_logits(lm, hidden)
+        logits = TikeGRPOTrainer.output_logits(lm, hidden)
     assert logits.dtype == torch.float32
     expected = hidden.float() @ lm.lm_head.weight.float().T
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
@@ -214,6 +218,19 @@ def test_unsupported_trl_version_names_the_supported_ones(monkeypatch):
     monkeypatch.setattr(tike_trl.metadata, "version", missing)
     with pytest.raises(ImportError, match=r"trl is not installed.*1\.16\.x.*\[trl\]"):
         tike_trl._check_trl()
+
+
+def test_readme_with_trl_snippet_builds_the_trainer(tiny, tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("### With TRL"):], re.S).group(1)
+    code = code.replace('"Qwen/Qwen2.5-0.5B-Instruct"', repr(tiny[0]))
+    code = code.replace('output_dir="out"', f"output_dir={str(tmp_path)!r}, use_cpu=True")
+    code = code.replace("trainer.train()", "")  # TRL's defaults: minutes of the CPU
+    env = {"reward_fn": vowel_reward, "dataset": prompt_dataset(8)}
+    exec(compile(code, "README.md", "exec"), env)
+    trainer = env["trainer"]
+    assert isinstance(trainer, TikeGRPOTrainer) and trainer.beta == 0.04
+    assert (trainer.args.kl_estimator, trainer.args.kl_topk) == ("tike", 16)
 
 
 def test_import_tike_cuda_does_not_import_trl():

@@ -186,7 +186,7 @@ class TikeGRPOTrainer(GRPOTrainer):
         # The reference first: no graph is alive yet, and only its hidden states are kept.
         ref = self._reference_hidden(inputs)
         policy_lm = self._causal_lm(model)
-        n_policy_loss = len(self._metrics[mode]["policy_loss"])
+        n_policy_loss = len(self._metrics[mode].get("policy_loss", ()))  # no empty key
         with self._trl_kl_off(), _last_hidden_states(policy_lm) as captured:
             loss = super()._compute_loss(model, inputs)
         hidden = _completion_positions(_one_forward(captured, mask.size(0)), mask.size(1))
@@ -198,7 +198,7 @@ class TikeGRPOTrainer(GRPOTrainer):
         metrics["kl"].append(self._global_masked_mean(per_token_kl, mask))
         if topk_mass is not None:
             metrics["kl_topk_mass"].append(self._global_masked_mean(topk_mass, mask))
-        if len(metrics["policy_loss"]) > n_policy_loss:  # TRL's includes its KL term
+        if len(metrics.get("policy_loss", ())) > n_policy_loss:  # TRL's includes its KL term
             metrics["policy_loss"][-1] += \
                 self.accelerator.gather(kl_in_policy_loss.detach()).nanmean().item()
         return loss + kl_loss
@@ -216,8 +216,8 @@ class TikeGRPOTrainer(GRPOTrainer):
         tokens = inputs["completion_ids"]
         estimator, tau = self.args.kl_estimator, self.temperature
         with torch.no_grad():
-            ref_logits = self._output_logits(*ref)
-        logits = self._output_logits(policy_lm, hidden)
+            ref_logits = self.output_logits(*ref)
+        logits = self.output_logits(policy_lm, hidden)
         topk_mass = None
         if estimator in SAMPLED_ESTIMATORS:
             logp = tike_cuda.token_logprobs(logits, tokens, temperature=tau)
@@ -284,7 +284,7 @@ class TikeGRPOTrainer(GRPOTrainer):
         return out.last_hidden_state
 
     @staticmethod
-    def _output_logits(lm, hidden):
+    def output_logits(lm, hidden):
         """float32 logits of ``lm``'s output layer on ``hidden``, run outside autocast (a
         bfloat16 projection moves the KL by percents), scaled as the model's forward does."""
         head = lm.get_output_embeddings()
