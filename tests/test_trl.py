@@ -136,7 +136,7 @@ def test_tike_with_k_at_least_vocab_is_full(tiny, tmp_path):
     for k in (vocab, vocab + 19):
         _, tike = _train(TikeGRPOTrainer,
                          _args(TikeGRPOConfig, tmp_path, kl_estimator="tike", kl_topk=k), tiny)
-        _assert_same_steps(tike, full, rtol=1e-5)
+        _assert_same_steps(tike, full)
         assert all(abs(row["kl_topk_mass"] - 1.0) < 1e-6 for row in tike)
 
 
@@ -164,8 +164,9 @@ def test_peft_reference_tike_trains_the_adapter_only(tiny, tmp_path):
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                            init_lora_weights=False, task_type="CAUSAL_LM")
-    trainer = _trainer(TikeGRPOTrainer, _args(TikeGRPOConfig, tmp_path, kl_estimator="tike"),
-                       tiny, peft_config=lora)
+    # gradient checkpointing on (TRL's default): switched off around the reference's forward
+    args = _args(TikeGRPOConfig, tmp_path, kl_estimator="tike", gradient_checkpointing=True)
+    trainer = _trainer(TikeGRPOTrainer, args, tiny, peft_config=lora)
     start = {k: v.clone() for k, v in trainer.model.get_base_model().state_dict().items()}
     trainer.train()
     rows = [h for h in trainer.state.log_history if "loss" in h]

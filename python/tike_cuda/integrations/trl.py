@@ -132,6 +132,11 @@ class TikeGRPOTrainer(GRPOTrainer):
 
     Not supported with ``beta > 0`` (a clear error at construction): vision-language
     models, an adapter on the output layer, FSDP and DeepSpeed ZeRO-3.
+
+    Where variants slot in: :meth:`_reference_hidden` says where the reference comes from
+    (its result is handed to :meth:`kl_term` untouched, so a sparse reference stored at
+    generation time can replace it), and :meth:`kl_term` gets the policy's hidden states,
+    not logits (so a fused output-layer loss can replace the ``[B, T, V]`` projection).
     """
 
     def __init__(self, model, reward_funcs=None, args: TikeGRPOConfig | None = None, **kwargs):
