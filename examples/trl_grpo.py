@@ -71,10 +71,14 @@ def plot(curves, a, path):
         ax.plot(c["step"], c["kl_exact"], color="black", lw=2, label="exact KL, same batch")
         ax.plot(c["step"], c["kl"], color="tab:red" if name == "k3" else "tab:blue", lw=1.2,
                 marker="o", ms=2.5, label=f"{label} estimate (in the loss)")
-        ax.set_title(f"kl_estimator={name!r}")
+        err = torch.tensor(c["kl"]) - torch.tensor(c["kl_exact"])
+        ax.set_title(f"kl_estimator={name!r}: estimate − exact = {err.mean():+.3f} "
+                     f"± {err.std():.3f}", fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
+    top = max(max(c["kl"] + c["kl_exact"]) for c in curves.values())
+    axes[0].set_ylim(bottom=min(0.0, axes[0].get_ylim()[0]), top=1.3 * top)  # room for legends
     axes[0].set_ylabel("token-mean KL(π_θ ‖ π_ref), nats")
     fig.suptitle(f"TikeGRPOTrainer (TRL {_trl_version()}), tiny Qwen2 on the CPU, "
                  f"beta={a.beta}, {a.batch} completions per step", fontsize=10)

@@ -8,6 +8,7 @@ and would turn a rounding-level gradient difference in a near-zero entry into a 
 """
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +233,20 @@ def test_readme_with_trl_snippet_builds_the_trainer(tiny, tmp_path):
     trainer = env["trainer"]
     assert isinstance(trainer, TikeGRPOTrainer) and trainer.beta == 0.04
     assert (trainer.args.kl_estimator, trainer.args.kl_topk) == ("tike", 16)
+
+
+def test_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    example = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo.py"
+    figure = tmp_path / "kl.png"
+    monkeypatch.setattr(sys, "argv", [str(example), "--steps", "2", "--batch", "4", "--group",
+                                      "4", "--length", "4", "--out", str(figure)])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(example), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)  # the example sets it for a tiny model
+    assert figure.stat().st_size > 10_000
 
 
 def test_import_tike_cuda_does_not_import_trl():
