@@ -279,6 +279,18 @@ inline bool sizes_ok(int64_t N, int64_t V, int64_t K1, float temperature) {
          K1 >= 1 && K1 < (int64_t(1) << 30);
 }
 
+// launch(T{}) with T the element type of `dt`, then the launch status.
+template <typename F>
+inline cudaError_t launch_for(DType dt, F&& launch) {
+  switch (dt) {
+    case DType::Float32: launch(float{}); break;
+    case DType::BFloat16: launch(__nv_bfloat16{}); break;
+    case DType::Float16: launch(__half{}); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace sparse_detail
 
 // ---------------------------------------------------------------------- launchers
@@ -288,38 +300,18 @@ inline cudaError_t sparse_reference(const SparseReferenceArgs& a, cudaStream_t s
   if (!sparse_detail::sizes_ok(a.N, a.V, a.K1, a.temperature) || a.k < 1 || a.k > a.V ||
       a.K1 < a.k || a.K1 > a.k + 1)
     return cudaErrorInvalidValue;
-  const unsigned grid = unsigned(a.N);
-  switch (a.dtype) {
-    case DType::Float32:
-      sparse_detail::reference_kernel<float><<<grid, kThreads, 0, stream>>>(a);
-      break;
-    case DType::BFloat16:
-      sparse_detail::reference_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a);
-      break;
-    case DType::Float16:
-      sparse_detail::reference_kernel<__half><<<grid, kThreads, 0, stream>>>(a);
-      break;
-  }
-  return cudaGetLastError();
+  return sparse_detail::launch_for(a.dtype, [&](auto t) {
+    sparse_detail::reference_kernel<decltype(t)><<<unsigned(a.N), kThreads, 0, stream>>>(a);
+  });
 }
 
 // Forward of topk_kl_sparse; the backward is topk_kl_backward with the same idx.
 inline cudaError_t topk_kl_sparse_forward(const TopkKlSparseArgs& a, cudaStream_t stream) {
   if (a.N == 0) return cudaSuccess;
   if (!sparse_detail::sizes_ok(a.N, a.V, a.K1, a.temperature)) return cudaErrorInvalidValue;
-  const unsigned grid = unsigned(a.N);
-  switch (a.dtype) {
-    case DType::Float32:
-      sparse_detail::policy_kernel<float><<<grid, kThreads, 0, stream>>>(a);
-      break;
-    case DType::BFloat16:
-      sparse_detail::policy_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a);
-      break;
-    case DType::Float16:
-      sparse_detail::policy_kernel<__half><<<grid, kThreads, 0, stream>>>(a);
-      break;
-  }
-  return cudaGetLastError();
+  return sparse_detail::launch_for(a.dtype, [&](auto t) {
+    sparse_detail::policy_kernel<decltype(t)><<<unsigned(a.N), kThreads, 0, stream>>>(a);
+  });
 }
 
 }  // namespace tike::cuda
