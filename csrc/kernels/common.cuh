@@ -14,9 +14,21 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "row_layout.h"
+
+// Every kernel launch goes through TIKE_LAUNCH: nvcc sees the plain <<<>>> launch; the CPU
+// emulation of the CUDA execution model (csrc/emu) defines TIKE_EMU_LAUNCH and runs the
+// grid on fibers there.
+#if defined(TIKE_EMU_LAUNCH)
+#define TIKE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  TIKE_EMU_LAUNCH(kernel, grid, block, smem, stream, __VA_ARGS__)
+#else
+#define TIKE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 namespace tike::cuda {
 
@@ -172,16 +184,28 @@ __device__ __forceinline__ Span make_span(const T* row, int b, int e) {
 // ---------------------------------------------------------------- math
 
 // 2^x through MUFU.EX2 (ftz): 2^-inf = 0, 2^NaN = NaN. Relative error about 2 ulp.
+// Without a device compiler (the CPU emulation) the same meaning in plain C++: subnormal
+// inputs and results flushed to zero.
 __device__ __forceinline__ float ex2(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#else
+  constexpr float kMinNormal = 1.17549435e-38f;
+  const float y = exp2f(fabsf(x) < kMinNormal ? 0.f : x);
+  return y < kMinNormal ? 0.f : y;  // NaN compares false and stays NaN
+#endif
 }
 // Max that propagates NaN (max.NaN.f32, sm_80+): a NaN anywhere must reach the tests.
 __device__ __forceinline__ float fmax_nan(float a, float b) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
   return y;
+#else
+  return (a != a || b != b) ? __uint_as_float(0x7fffffffu) : fmaxf(a, b);
+#endif
 }
 __device__ __forceinline__ bool is_nan(float x) {
   return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u;  // bit test: safe under fast math

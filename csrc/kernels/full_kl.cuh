@@ -163,16 +163,16 @@ inline cudaError_t full_kl_forward(const FullKlForwardArgs& a, void* workspace,
   P.ws = static_cast<float*>(workspace);
   const unsigned grid = unsigned(a.N * rs.splits);
   switch (a.dtype) {
-    case DType::Float32: full_kl_detail::fwd_kernel<float><<<grid, kThreads, 0, stream>>>(P); break;
+    case DType::Float32: TIKE_LAUNCH(full_kl_detail::fwd_kernel<float>, grid, kThreads, 0, stream, P); break;
     case DType::BFloat16:
-      full_kl_detail::fwd_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(P);
+      TIKE_LAUNCH(full_kl_detail::fwd_kernel<__nv_bfloat16>, grid, kThreads, 0, stream, P);
       break;
-    case DType::Float16: full_kl_detail::fwd_kernel<__half><<<grid, kThreads, 0, stream>>>(P); break;
+    case DType::Float16: TIKE_LAUNCH(full_kl_detail::fwd_kernel<__half>, grid, kThreads, 0, stream, P); break;
     default: return cudaErrorInvalidValue;
   }
   if (rs.splits > 1) {
-    full_kl_detail::combine_kernel<<<unsigned((a.N + kThreads - 1) / kThreads), kThreads, 0,
-                                     stream>>>(P);
+    TIKE_LAUNCH(full_kl_detail::combine_kernel, unsigned((a.N + kThreads - 1) / kThreads),
+                kThreads, 0, stream, P);
   }
   return cudaGetLastError();
 }
@@ -191,11 +191,11 @@ inline cudaError_t full_kl_backward(const FullKlBackwardArgs& a, cudaStream_t st
   P.inv_tau = 1.f / a.temperature;
   const unsigned grid = unsigned(a.N * rs.splits);
   switch (a.dtype) {
-    case DType::Float32: full_kl_detail::bwd_kernel<float><<<grid, kThreads, 0, stream>>>(P); break;
+    case DType::Float32: TIKE_LAUNCH(full_kl_detail::bwd_kernel<float>, grid, kThreads, 0, stream, P); break;
     case DType::BFloat16:
-      full_kl_detail::bwd_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(P);
+      TIKE_LAUNCH(full_kl_detail::bwd_kernel<__nv_bfloat16>, grid, kThreads, 0, stream, P);
       break;
-    case DType::Float16: full_kl_detail::bwd_kernel<__half><<<grid, kThreads, 0, stream>>>(P); break;
+    case DType::Float16: TIKE_LAUNCH(full_kl_detail::bwd_kernel<__half>, grid, kThreads, 0, stream, P); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

@@ -489,12 +489,12 @@ inline cudaError_t launch_forward(const FwdParams& P, int64_t N, cudaStream_t st
   const size_t smem = P.preselected ? 0 : size_t(kWarps) * P.cap * 12;
   cudaError_t err = allow_smem(fwd_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  fwd_kernel<T><<<unsigned(N * P.splits), kThreads, smem, stream>>>(P);
+  TIKE_LAUNCH(fwd_kernel<T>, unsigned(N * P.splits), kThreads, smem, stream, P);
   if (P.splits > 1) {
     const size_t csmem = size_t(P.groups) * P.kp * 12;
     err = allow_smem(combine_kernel<T>, csmem);
     if (err != cudaSuccess) return err;
-    combine_kernel<T><<<unsigned(N), kThreads, csmem, stream>>>(P);
+    TIKE_LAUNCH(combine_kernel<T>, unsigned(N), kThreads, csmem, stream, P);
   }
   return cudaGetLastError();
 }
@@ -504,7 +504,7 @@ constexpr int kPatchSmemMax = 8192;  // S~ entries staged in shared memory (32 K
 template <typename T>
 inline cudaError_t launch_backward(const BwdParams& P, int64_t N, cudaStream_t stream) {
   const size_t smem = P.patch_smem ? size_t(P.a.K1) * sizeof(float) : 0;
-  bwd_kernel<T><<<unsigned(N * P.splits), kThreads, smem, stream>>>(P);
+  TIKE_LAUNCH(bwd_kernel<T>, unsigned(N * P.splits), kThreads, smem, stream, P);
   return cudaGetLastError();
 }
 
