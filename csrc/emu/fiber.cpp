@@ -12,7 +12,7 @@ namespace tike_emu::detail {
 
 #if defined(__x86_64__)
 
-// tike_emu_switch(void** save_sp, void* load_sp): pushes the callee-saved state on the
+// tike_emu_switch(void** save_sp, void* load_sp): pushes the callee-saved registers on the
 // current stack, stores the stack pointer in *save_sp, loads load_sp and pops the state
 // saved there. A fresh fiber's stack is laid out by context_init so that the final `ret`
 // enters tike_emu_trampoline with r13 = entry.
@@ -30,14 +30,8 @@ tike_emu_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -61,19 +55,14 @@ extern "C" void tike_emu_trampoline();
 
 void context_init(Context& ctx, void* lo, size_t size, void (*entry)()) {
   auto top = (reinterpret_cast<uintptr_t>(lo) + size) & ~uintptr_t(15);
-  auto* sp = reinterpret_cast<uint64_t*>(top - 80);  // sp + 64 stays 16-byte aligned
-  uint32_t mxcsr;
-  uint16_t fpucw;
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fpucw));
-  sp[0] = uint64_t(mxcsr) | (uint64_t(fpucw) << 32);
-  sp[1] = 0;                                        // r15
-  sp[2] = 0;                                        // r14
-  sp[3] = reinterpret_cast<uint64_t>(entry);        // r13
-  sp[4] = 0;                                        // r12
-  sp[5] = 0;                                        // rbx
-  sp[6] = 0;                                        // rbp
-  sp[7] = reinterpret_cast<uint64_t>(&tike_emu_trampoline);  // return address
+  auto* sp = reinterpret_cast<uint64_t*>(top - 64);  // the trampoline realigns
+  sp[0] = 0;                                        // r15
+  sp[1] = 0;                                        // r14
+  sp[2] = reinterpret_cast<uint64_t>(entry);        // r13
+  sp[3] = 0;                                        // r12
+  sp[4] = 0;                                        // rbx
+  sp[5] = 0;                                        // rbp
+  sp[6] = reinterpret_cast<uint64_t>(&tike_emu_trampoline);  // return address
   ctx.sp = sp;
 }
 

@@ -1,9 +1,10 @@
 // Cooperative fibers for the CUDA emulation: every emulated CUDA thread runs on its own
 // stack and gives the CPU back only at a barrier, a warp operation or its end.
 //
-// On x86-64 a switch saves the six callee-saved registers, MXCSR and the x87 control word
-// and swaps the stack pointer (tens of nanoseconds); elsewhere it falls back to ucontext,
-// whose swapcontext also saves the signal mask (a system call per switch: correct, slow).
+// On x86-64 a switch saves the six callee-saved registers and swaps the stack pointer (a
+// few nanoseconds; the floating-point control state is the same in every fiber, nothing
+// in a kernel changes it); elsewhere it falls back to ucontext, whose swapcontext also
+// saves the signal mask (a system call per switch: correct, slow).
 #pragma once
 #include <cstddef>
 

@@ -42,6 +42,12 @@ struct Thread {
   int arg = 0;
 };
 
+// Lanes of one warp by state: a rendezvous completes when waiting covers its mask.
+struct Warp {
+  unsigned waiting = 0;  // at a warp operation
+  unsigned done = 0;     // exited
+};
+
 struct Launch {
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
@@ -50,6 +56,8 @@ struct Launch {
   int n = 0;                // threads per block
   uint64_t index = 0;       // launch counter (seeds the shuffled order)
   std::vector<Thread> th;
+  std::vector<uint3> idx;   // threadIdx of each linear index
+  std::vector<Warp> warps;
   Context sched;
   int cur = -1;
   bool failed = false;
@@ -178,14 +186,14 @@ void yield_to_scheduler() {
 void fiber_entry() {
   g_launch.body(g_launch.ctx);
   me().st = St::Done;
+  g_launch.warps[me().linear >> 5].done |= 1u << (me().linear & 31);
   context_switch(me().ctx, g_launch.sched);
   __builtin_unreachable();
 }
 
 void resume(int i) {
   Thread& t = g_launch.th[i];
-  const int bx = int(g_launch.block.x), by = int(g_launch.block.y);
-  g_now.thread = make_uint3(unsigned(i % bx), unsigned((i / bx) % by), unsigned(i / (bx * by)));
+  g_now.thread = g_launch.idx[i];
   g_launch.cur = i;
   context_switch(g_launch.sched, t.ctx);
   g_launch.cur = -1;
@@ -239,6 +247,7 @@ bool run_block(const std::vector<unsigned char*>& smem, size_t dyn) {
     th[i].linear = i;
     context_init(th[i].ctx, g_stacks[i].lo, g_stacks[i].size, &fiber_entry);
   }
+  for (auto& w : g_launch.warps) w = Warp();
   const size_t span = std::min(kDynSmemCapacity, dyn + size_t(kSmemRedzone));
   for (unsigned char* p : smem) std::memset(p, 0xff, span);
 
@@ -322,29 +331,24 @@ uint64_t warp_op(WarpKind kind, unsigned mask, uint64_t payload, int arg, const 
   t.file = file;
   t.line = line;
   auto& th = g_launch.th;
-  bool complete = true;
-  for (unsigned m = mask; m; m &= m - 1) {
-    const Thread& o = th[base + __builtin_ctz(m)];
-    if (&o == &t) continue;
-    if (o.st == St::Warp && !((o.mask >> lane) & 1u)) {
-      complete = false;  // in a rendezvous of other lanes first; joins ours after it
-    } else if (o.st == St::Warp) {
-      if (o.kind != kind || o.mask != mask || !same_site(o.file, o.line, file, line))
-        fail_in_fiber("divergent warp operation in warp " + std::to_string(base / 32) +
-                      ": thread " + std::to_string(t.linear) + " " + where(t) + ", thread " +
-                      std::to_string(o.linear) + " " + where(o));
-    } else if (o.st == St::Done) {
-      fail_in_fiber("thread " + std::to_string(o.linear) + " exited before joining " + call() +
-                    " (mask " + hex(mask) + ") with thread " + std::to_string(t.linear));
-    } else {
-      complete = false;
-    }
-  }
-  if (!complete) {
-    yield_to_scheduler();
+  Warp& w = g_launch.warps[base >> 5];
+  if (w.done & mask)
+    fail_in_fiber("thread " + std::to_string(base + __builtin_ctz(w.done & mask)) +
+                  " exited before joining " + call() + " (mask " + hex(mask) + ") with thread " +
+                  std::to_string(t.linear));
+  w.waiting |= 1u << lane;
+  if ((w.waiting & mask) != mask) {
+    yield_to_scheduler();  // resumed once the last lane of the mask arrived
     return t.result;
   }
-  // The last lane of the mask arrived: exchange, and release the others.
+  // The last lane of the mask arrived: all must be at this very operation.
+  for (unsigned m = mask; m; m &= m - 1) {
+    const Thread& o = th[base + __builtin_ctz(m)];
+    if (o.kind != kind || o.mask != mask || !same_site(o.file, o.line, file, line))
+      fail_in_fiber("divergent warp operation in warp " + std::to_string(base / 32) +
+                    ": thread " + std::to_string(t.linear) + " " + where(t) + ", thread " +
+                    std::to_string(o.linear) + " " + where(o));
+  }
   uint64_t ballot = 0;
   for (unsigned m = mask; m; m &= m - 1) {
     const int l = __builtin_ctz(m);
@@ -370,8 +374,9 @@ uint64_t warp_op(WarpKind kind, unsigned mask, uint64_t payload, int arg, const 
                       " outside the mask " + hex(mask) + " in " + call());
       o.result = th[base + src].payload;
     }
-    o.st = St::Ready;
   }
+  for (unsigned m = mask; m; m &= m - 1) th[base + __builtin_ctz(m)].st = St::Ready;
+  w.waiting &= ~mask;
   ++g_count.warp_ops;
   return t.result;
 }
@@ -421,6 +426,11 @@ void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block, size_
   g_launch.failed = false;
   g_launch.error.clear();
   g_launch.th.resize(nthreads);
+  g_launch.warps.resize((nthreads + 31) / 32);
+  g_launch.idx.resize(nthreads);
+  for (uint64_t i = 0; i < nthreads; ++i)
+    g_launch.idx[i] = make_uint3(unsigned(i % block.x), unsigned((i / block.x) % block.y),
+                                 unsigned(i / (uint64_t(block.x) * block.y)));
   while (g_stacks.size() < nthreads) g_stacks.push_back(stack_alloc(kStackBytes));
   std::vector<unsigned char*> buffers;
   for (auto address : g_dyn_smem) buffers.push_back(static_cast<unsigned char*>(address()));

@@ -4,6 +4,7 @@
 // dynamic shared memory, > 48 KB without opting in, a missing barrier).
 #include <ATen/ATen.h>
 
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -107,18 +108,17 @@ __global__ void dyn_smem_kernel(int64_t* out, int bytes, int write_at) {
 }
 
 // A block sum whose barrier is optional: without it, thread 0 reads what the other threads
-// have written so far, which depends on the order they were scheduled in.
-__global__ void block_sum_kernel(int64_t* out, bool with_barrier) {
+// have written so far (this launch's values times `salt`, or an earlier launch's), which
+// depends on the order they were scheduled in.
+__global__ void block_sum_kernel(int64_t* out, bool with_barrier, int salt) {
   __shared__ int vals[256];
-  vals[threadIdx.x] = int(threadIdx.x) + 1;
+  vals[threadIdx.x] = (int(threadIdx.x) + 1) * salt;
   if (with_barrier) __syncthreads();
   if (threadIdx.x == 0) {
     int64_t s = 0;
     for (int i = 0; i < 256; ++i) s += vals[i];
     out[0] = s;
   }
-  if (with_barrier) __syncthreads();
-  vals[threadIdx.x] = 0;  // leave nothing for the next launch to find
 }
 
 }  // namespace tike::selftest_kernels
@@ -156,10 +156,14 @@ at::Tensor emu_selftest(c10::string_view name_view) {
   if (name == "divergent_warp") return launch_simple(&divergent_warp_kernel, 1, 64, 1);
   if (name == "mismatched_mask") return launch_simple(&mismatched_mask_kernel, 1, 32, 1);
   if (name == "partial_warp") return launch_simple(&partial_warp_kernel, 1, 32, 1);
-  if (name == "block_sum" || name == "block_sum_racy") {
+  // block_sum:<salt> (with its barrier) or block_sum_racy:<salt> (without)
+  if (name.rfind("block_sum", 0) == 0) {
+    int salt = 1;
+    const bool racy = name.rfind("block_sum_racy:", 0) == 0;
+    TORCH_CHECK_VALUE(std::sscanf(name.c_str() + (racy ? 15 : 10), "%d", &salt) == 1,
+                      "tike_emu: selftest block_sum[_racy]:<salt>");
     at::Tensor out = at::zeros({1}, at::kLong);
-    TIKE_LAUNCH(block_sum_kernel, 1u, 256u, 0, nullptr, out.data_ptr<int64_t>(),
-                name == "block_sum");
+    TIKE_LAUNCH(block_sum_kernel, 1u, 256u, 0, nullptr, out.data_ptr<int64_t>(), !racy, salt);
     check(cudaGetLastError());
     return out;
   }
