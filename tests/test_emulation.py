@@ -57,7 +57,8 @@ def test_warp_operations_exchange_as_on_a_gpu(emu):
                        r"\(emu/selftest\.cpp:(\d+), mask 0xffffffff\), thread \d+ wait at "
                        r"__shfl_xor_sync \(emu/selftest\.cpp:(?!\1)\d+"),
     ("mismatched_mask", r"divergent warp operation in warp 0: .*mask 0x0000ffff"),
-    ("partial_warp", r"threads 0-15 wait at __shfl_xor_sync .*; threads 16-31 exited"),
+    ("partial_warp", r"(threads 0-15 wait at __shfl_xor_sync .*; threads 16-31 exited|"
+                     r"thread (1[6-9]|2\d|3[01]) exited before joining __shfl_xor_sync)"),
 ])
 @pytest.mark.parametrize("order", ["forward", "reversed", "shuffled"])
 def test_broken_kernels_fail_with_a_clear_message(emu, name, message, order):
@@ -127,12 +128,6 @@ def test_emulated_ops_have_the_cuda_schemas(emu):
         emul = getattr(torch.ops.tike_cuda_emu, op).default._schema
         assert str(emul) == str(cuda).replace("tike_cuda::", "tike_cuda_emu::", 1)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tike_cuda_emu::{op}", "CPU"), op
-
-
-def test_emulated_ops_take_cpu_tensors_only(emu):
-    z = torch.zeros(2, 8, device="meta")
-    with pytest.raises(RuntimeError, match="take CPU tensors"):
-        torch.ops.tike_cuda_emu.full_kl(z, z, None, 1.0)
 
 
 def _all_paths(gen):

@@ -163,6 +163,8 @@ inline float __int_as_float(int x) { return ::tike_emu::detail::bit_as<float>(x)
 inline double __longlong_as_double(long long x) { return ::tike_emu::detail::bit_as<double>(x); }
 inline long long __double_as_longlong(double x) { return ::tike_emu::detail::bit_as<long long>(x); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }

@@ -68,6 +68,12 @@ std::vector<int64_t> counters() {
 
 void reset_counters() { ::tike_emu::reset_counters(); }
 
+std::vector<std::string> warp_op_sites() {
+  std::vector<std::string> out;
+  for (const auto& [site, n] : ::tike_emu::warp_op_sites()) out.push_back(site + " " + std::to_string(n));
+  return out;
+}
+
 }  // namespace
 
 // Implemented in selftest.cpp: small kernels that break the CUDA rules on purpose.
@@ -99,5 +105,6 @@ TORCH_LIBRARY(tike_emu, m) {
   m.def("set_schedule(str order, int seed=0) -> ()", &tike::set_schedule);
   m.def("counters() -> int[]", &tike::counters);
   m.def("reset_counters() -> ()", &tike::reset_counters);
+  m.def("warp_op_sites() -> str[]", &tike::warp_op_sites);
   m.def("selftest(str name) -> Tensor", &tike::emu_selftest);
 }

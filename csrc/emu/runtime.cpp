@@ -78,6 +78,8 @@ bool g_sticky = false;  // a kernel failed: later launches are skipped until the
 std::string g_message;
 
 std::unordered_map<const void*, int> g_max_dyn_smem;
+// Completed warp rendezvous per call site ("kernels/topk_select.cuh:213 __any_sync").
+std::unordered_map<const char*, std::unordered_map<int, int64_t>> g_site_raw;
 std::vector<void* (*)()> g_dyn_smem;
 
 // ---------------------------------------------------------------- messages
@@ -377,6 +379,7 @@ uint64_t warp_op(WarpKind kind, unsigned mask, uint64_t payload, int arg, const 
   }
   for (unsigned m = mask; m; m &= m - 1) th[base + __builtin_ctz(m)].st = St::Ready;
   w.waiting &= ~mask;
+  ++g_site_raw[file][line * 8 + int(kind)];
   ++g_count.warp_ops;
   return t.result;
 }
@@ -537,9 +540,23 @@ Order schedule_order() { return detail::g_order; }
 
 Counters counters() { return detail::g_count; }
 
+std::vector<std::pair<std::string, int64_t>> warp_op_sites() {
+  std::lock_guard<std::mutex> lock(detail::g_mutex);
+  std::vector<std::pair<std::string, int64_t>> out;
+  for (const auto& [file, lines] : detail::g_site_raw) {
+    for (const auto& [key, n] : lines) {
+      out.emplace_back(detail::site(file, key / 8) + " " +
+                           detail::kind_name(static_cast<WarpKind>(key % 8)), n);
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 void reset_counters() {
   std::lock_guard<std::mutex> lock(detail::g_mutex);
   detail::g_count = Counters();
+  detail::g_site_raw.clear();
 }
 
 }  // namespace tike_emu

@@ -3,6 +3,9 @@
 // Torch-free (the Python bindings are in ops_emu.cpp).
 #pragma once
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace tike_emu {
 
@@ -22,6 +25,9 @@ struct Counters {
   int64_t switches = 0;    // fiber resumptions
 };
 Counters counters();
+// Completed warp rendezvous per call site and kind, e.g. ("kernels/topk_select.cuh:213
+// __any_sync", 381): how often a kernel took a given path.
+std::vector<std::pair<std::string, int64_t>> warp_op_sites();
 void reset_counters();
 
 }  // namespace tike_emu

@@ -38,6 +38,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr float kInf = __builtin_huge_valf();
+constexpr double kInfD = __builtin_huge_val();
 // A lazily moved reference lets single terms reach 2^64 before it moves; sums of a few
 // thousand such terms stay far below the float range.
 constexpr float kLazyLimit = 18446744073709551616.f;  // 2^64
@@ -207,6 +208,13 @@ __device__ __forceinline__ float fmax_nan(float a, float b) {
   return (a != a || b != b) ? __uint_as_float(0x7fffffffu) : fmaxf(a, b);
 #endif
 }
+// x·c − m with the product rounded to float first. Every reference m is such a rounded
+// product (a running max of z·c), so the largest term is exactly 2^0. A fused z·c − m
+// keeps the product's rounding error, which for |z·c| ≳ 2^24 (τ = 1e-30, logits near the
+// float limit) is itself a huge exponent (2^(±1e21) = inf or 0). __fmul_rn is never
+// contracted into an FMA, even under --use_fast_math.
+__device__ __forceinline__ float scaled_minus(float x, float c, float m) { return __fmul_rn(x, c) - m; }
+
 __device__ __forceinline__ bool is_nan(float x) {
   return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u;  // bit test: safe under fast math
 }
@@ -220,7 +228,7 @@ struct LazyLse {
   __device__ __forceinline__ void add(const float (&z)[N], float c) {
     float t = 0.f;
 #pragma unroll
-    for (int i = 0; i < N; ++i) t += ex2(__fmaf_rn(z[i], c, -m));
+    for (int i = 0; i < N; ++i) t += ex2(scaled_minus(z[i], c, m));
     if (t <= kLazyLimit) {
       s += t;
     } else {
@@ -231,11 +239,11 @@ struct LazyLse {
   __device__ __forceinline__ void add_slow(const float (&z)[N], float c) {
     float mx = m;
 #pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, z[i] * c);
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(z[i], c));
     move_to(mx);
     float t = 0.f;
 #pragma unroll
-    for (int i = 0; i < N; ++i) t += z[i] == -kInf ? 0.f : ex2(__fmaf_rn(z[i], c, -m));
+    for (int i = 0; i < N; ++i) t += z[i] == -kInf ? 0.f : ex2(scaled_minus(z[i], c, m));
     s += t;
   }
   __device__ __forceinline__ void add1(float z, float c) {
@@ -262,7 +270,7 @@ struct LazyLseRel {
     float t = 0.f, u = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float y = __fmaf_rn(z[i], c, -m), e = ex2(y);
+      const float y = scaled_minus(z[i], c, m), e = ex2(y);
       t += e;
       u += e > 0.f ? e * y : 0.f;
     }
@@ -277,13 +285,13 @@ struct LazyLseRel {
   __device__ __forceinline__ void add_slow(const float (&z)[N], float c) {
     float mx = m;
 #pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, z[i] * c);
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(z[i], c));
     move_to(mx);
     float t = 0.f, u = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (z[i] == -kInf) continue;
-      const float y = __fmaf_rn(z[i], c, -m), e = ex2(y);
+      const float y = scaled_minus(z[i], c, m), e = ex2(y);
       t += e;
       u += e > 0.f ? e * y : 0.f;
     }
@@ -313,7 +321,7 @@ struct LazyLseW {
     float t = 0.f, u = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float e = ex2(__fmaf_rn(z[i], c, -m));
+      const float e = ex2(scaled_minus(z[i], c, m));
       t += e;
       u += e > 0.f ? e * d[i] : 0.f;
     }
@@ -328,7 +336,7 @@ struct LazyLseW {
   __device__ __forceinline__ void add_slow(const float (&z)[N], const float (&d)[N], float c) {
     float mx = m;
 #pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, z[i] * c);
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(z[i], c));
     if (mx > m) {
       if (s != 0.f) {
         const float f = ex2(m - mx);
@@ -341,7 +349,7 @@ struct LazyLseW {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (z[i] == -kInf) continue;
-      const float e = ex2(__fmaf_rn(z[i], c, -m));
+      const float e = ex2(scaled_minus(z[i], c, m));
       t += e;
       u += e > 0.f ? e * d[i] : 0.f;
     }

@@ -34,7 +34,9 @@ __device__ __forceinline__ void write_row(const FwdParams& P, int64_t n, float m
   const int64_t o = a.tokens[n];
   if (o >= 0 && o < a.V) {
     const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
-    a.logp[n] = float(double(load1(zrow + o)) * double(P.inv_tau) - lse);
+    // ln2·((z_o·c − m) − log2 s), z_o·c rounded as in the sums: log p keeps its digits
+    // however large z/τ is; z_o/τ − lse would cancel two huge numbers.
+    a.logp[n] = float(kLn2 * ((double(__fmul_rn(load1(zrow + o), P.c)) - double(m)) - l2s));
   } else {
     a.logp[n] = NAN;  // a token out of range poisons its row instead of reading out of bounds
   }

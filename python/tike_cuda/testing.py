@@ -34,7 +34,8 @@ from typing import List, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["load_emulated", "emulated_cuda", "set_thread_order", "counters", "ORDERS"]
+__all__ = ["load_emulated", "emulated_cuda", "set_thread_order", "counters", "warp_op_sites",
+           "reset_counters", "ORDERS"]
 
 ORDERS = ("forward", "reversed", "shuffled")
 
@@ -142,10 +143,21 @@ def set_thread_order(order: str = "forward", seed: int = 0) -> None:
 
 
 def counters() -> dict:
-    """What the emulation has run since the last reset (``reset=True`` in this call)."""
+    """What the emulation has run since the last :func:`reset_counters`."""
     load_emulated()
     names = ("launches", "blocks", "barriers", "warp_ops", "switches")
     return dict(zip(names, torch.ops.tike_emu.counters()))
+
+
+def warp_op_sites() -> dict:
+    """Completed warp rendezvous per call site since the last reset, e.g.
+    ``{"kernels/topk_select.cuh:213 __any_sync": 381, ...}``: how often a path was taken."""
+    load_emulated()
+    out = {}
+    for entry in torch.ops.tike_emu.warp_op_sites():
+        site, n = entry.rsplit(" ", 1)
+        out[site] = int(n)
+    return out
 
 
 def reset_counters() -> None:
