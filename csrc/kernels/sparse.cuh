@@ -301,7 +301,7 @@ inline cudaError_t sparse_reference(const SparseReferenceArgs& a, cudaStream_t s
       a.K1 < a.k || a.K1 > a.k + 1)
     return cudaErrorInvalidValue;
   return sparse_detail::launch_for(a.dtype, [&](auto t) {
-    sparse_detail::reference_kernel<decltype(t)><<<unsigned(a.N), kThreads, 0, stream>>>(a);
+    TIKE_LAUNCH(sparse_detail::reference_kernel<decltype(t)>, unsigned(a.N), kThreads, 0, stream, a);
   });
 }
 
@@ -310,7 +310,7 @@ inline cudaError_t topk_kl_sparse_forward(const TopkKlSparseArgs& a, cudaStream_
   if (a.N == 0) return cudaSuccess;
   if (!sparse_detail::sizes_ok(a.N, a.V, a.K1, a.temperature)) return cudaErrorInvalidValue;
   return sparse_detail::launch_for(a.dtype, [&](auto t) {
-    sparse_detail::policy_kernel<decltype(t)><<<unsigned(a.N), kThreads, 0, stream>>>(a);
+    TIKE_LAUNCH(sparse_detail::policy_kernel<decltype(t)>, unsigned(a.N), kThreads, 0, stream, a);
   });
 }
 

@@ -50,7 +50,7 @@ inline cudaError_t launch(const Params& P, cudaStream_t stream) {
   const size_t smem = smem_bytes(P.cap);
   cudaError_t err = allow_smem(kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  kernel<T><<<unsigned(P.a.N), kThreads, smem, stream>>>(P);
+  TIKE_LAUNCH(kernel<T>, unsigned(P.a.N), kThreads, smem, stream, P);
   return cudaGetLastError();
 }
 
