@@ -12,6 +12,7 @@ from conftest import DEVICES, DTYPES, assert_grads, assert_values, make_logits
 
 K = 16
 OPS = torch.ops.tike_cuda
+NAN, INF = float("nan"), float("inf")
 
 
 def _sampled(shape, V, gen, device, idx=None, inside=None):
@@ -283,6 +284,30 @@ def test_nan_policy_row_and_masked_rows(device, gen):
     assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all() and out[2] == 0
     out[1:].sum().backward()
     assert z.grad[2].eq(0).all() and torch.isfinite(z.grad[1:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_undefined_rows_give_nan(device, gen):
+    """A NaN, a +inf logit or no finite logit leave p (or q) undefined: NaN, as the
+    float64 reference and log_softmax say, for every output of that row."""
+    N, V = 5, 300
+    zr = make_logits((N, V), torch.float32, device, generator=gen)
+    z = make_logits((N, V), torch.float32, device, generator=gen)
+    support = tike_cuda.topk_indices(z, 8)
+    zr[1, 7], zr[2, 9], zr[3] = NAN, INF, -INF
+    sref = tike_cuda.sparse_reference(zr, support)
+    assert sref.logprobs[1:4].isnan().all() and sref.tail_logmass[1:4].isnan().all()
+    assert sref.logprobs[[0, 4]].isfinite().all()
+    exp = sparse_reference_reference(zr.cpu(), support.cpu())
+    assert exp[1][1:4].isnan().all()
+    store = tike_cuda.sparse_reference(zr[[0, 4]], support[[0, 4]])[torch.tensor([0, 0, 0, 1, 1])]
+    z[0, 3], z[4, 11], z[2] = NAN, INF, -INF
+    for tail in (False, True):
+        out, _, coef, shift, stats = OPS.topk_kl_sparse(z, store.idx, store.logprobs,
+                                                        store.tail_logmass, None, None, None, 1.0,
+                                                        tail)
+        for o in (out, coef, shift, stats):
+            assert o[[0, 2, 4]].isnan().all() and o[[1, 3]].isfinite().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -729,3 +754,142 @@ def test_vmap_matches_a_loop(device, gen):
         got = torch.func.vmap(kl, in_dims=(0, None, None))(zs, zr[0], tok[0])
         exp = torch.stack([kl(zs[b], zr[0], tok[0]) for b in range(B)])
         torch.testing.assert_close(got, exp)
+
+
+# ------------------------------------------- the CUDA kernels (GPU, or their emulation)
+# On every `kdev` (tests/conftest.py): a real GPU, and the CPU emulation of the CUDA
+# execution model running the very kernel sources and CUDA glue.
+
+BIG_V = 151936
+
+
+def _put(kdev, *xs):
+    return [kdev.put(x) for x in xs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V,k", [(1, 1), (16, 16), (37, 5), (4099, 16), (4099, 256), (4099, 300),
+                                 (BIG_V, 16)])
+def test_kernels_match_the_cpu_ops(kdev, V, k, dtype, gen):
+    N = 2 if V == BIG_V else 7
+    z = make_logits((N, V), dtype, "cpu", generator=gen)
+    if dtype == torch.bfloat16 and V > 1:
+        z[1] = z[1].round()  # many ties: the lower index must win
+    zr = make_logits((N, V), dtype, "cpu", generator=gen)
+    mask = torch.arange(N) != 1 if N > 2 else None
+    idx = OPS.topk_indices(z, k, mask)
+    assert torch.equal(kdev.ops.topk_indices(*_put(kdev, z), k, kdev.put(mask)).cpu(), idx)
+    support = topk_ref(z, k).int()
+    tok = torch.randint(0, V, (N,), generator=gen)
+    tok[0] = support[0, -1]  # in the support: its slot is padding
+    old = torch.randn(N, generator=gen) - 3
+    for t in (None, tok):
+        exp = OPS.sparse_reference(zr, support, t, mask, 0.8)
+        got = kdev.ops.sparse_reference(*_put(kdev, zr, support, t, mask), 0.8)
+        assert torch.equal(got[0].cpu(), exp[0])
+        for a, b in zip(got[1:], exp[1:]):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4, equal_nan=True)
+        for tail in (False, True):
+            args = (exp[0], exp[1], exp[2], t, None if t is None else old, mask, 0.8, tail)
+            want = OPS.topk_kl_sparse(z, *args)
+            have = kdev.ops.topk_kl_sparse(kdev.put(z), *_put(kdev, *args[:6]), 0.8, tail)
+            for a, b in zip(have, want):  # out, lse, coef, shift, stats
+                torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_kernels_on_policy_equal_dense_and_moved_equals_float64(kdev, gen):
+    B, T, V = 2, 3, 3001
+    old = make_logits((B, T, V), torch.bfloat16, "cpu", generator=gen)
+    zr = make_logits((B, T, V), torch.bfloat16, "cpu", generator=gen)
+    tok = torch.randint(0, V, (B, T), generator=gen)
+    old_lp = torch.randn(B, T, generator=gen) * 0.3 - 7
+    old, zr, tok, old_lp = _put(kdev, old, zr, tok, old_lp)
+    kw = dict(sampled_tokens=tok, old_logprobs=old_lp, temperature=0.9, tail="bucket")
+    with kdev.api():
+        support = tike_cuda.topk_indices(old, K)
+        sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=tok, temperature=0.9)
+        assert torch.equal(tike_cuda.topk_kl(old, sref, **kw), tike_cuda.topk_kl(old, sref, **kw))
+        dense = tike_cuda.topk_kl(old, zr, K, **kw)
+        sparse = tike_cuda.topk_kl(old, sref, **kw)
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+        z = (old.float() + kdev.put(torch.randn(B, T, V, generator=gen))).to(old.dtype)
+        zg = z.clone().requires_grad_()
+        out = tike_cuda.topk_kl(zg, sref, **kw)
+        g = torch.randn(B, T, generator=gen, dtype=torch.float64)
+        (grad,) = torch.autograd.grad(out, zg, kdev.put(g.float()))
+    z64 = z.double().cpu().requires_grad_()
+    kw64 = {n: (v.cpu() if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
+    exp = topk_kl_reference(z64, zr.cpu(), K, support=support.cpu(), **kw64)
+    assert_values(out, exp, atol=5e-5)
+    (grad64,) = torch.autograd.grad(exp, z64, g)
+    assert_grads(grad, grad64, torch.bfloat16)
+
+
+def test_kernels_invalid_and_undefined_rows_give_nan(kdev, gen):
+    """No host sync on a device: a bad support id, a repeated one, a sampled token out of
+    range, a NaN / +inf / no finite logit make their row NaN (an error on the CPU)."""
+    N, V = 7, 300
+    zr = make_logits((N, V), torch.float32, "cpu", generator=gen)
+    z = make_logits((N, V), torch.float32, "cpu", generator=gen)
+    support = torch.stack([torch.randperm(V, generator=gen)[:8] for _ in range(N)]).int()
+    tok = torch.randint(0, V, (N,), generator=gen)
+    support[1, 3] = V
+    support[2, 5] = support[2, 0]
+    tok[3] = V + 5
+    zr[4, 7], zr[5, 9], zr[6] = NAN, INF, -INF
+    idx, lq, tail = kdev.ops.sparse_reference(*_put(kdev, zr, support, tok), None, 1.0)
+    bad = torch.arange(N) > 0
+    assert lq.cpu()[bad].isnan().all() and tail.cpu()[bad].isnan().all()
+    good = OPS.sparse_reference(zr[:1], support[:1], tok[:1], None, 1.0)
+    torch.testing.assert_close(lq[:1].cpu(), good[1], atol=1e-4, rtol=1e-4)
+    # the update: an invalid idx row, and undefined policy rows
+    idx, lq, tail = OPS.sparse_reference(make_logits((N, V), torch.float32, "cpu", generator=gen),
+                                         support.clamp(0, V - 1)[:, :1], None, None, 1.0)
+    idx = torch.cat([idx, (idx + 1) % V], 1)
+    idx[1, 1] = idx[1, 0]  # repeated
+    z[2, 3], z[3, 4], z[4] = NAN, INF, -INF
+    for tail_bucket in (False, True):
+        out = kdev.ops.topk_kl_sparse(*_put(kdev, z, idx, torch.zeros(N, 2) - 2, tail),
+                                      None, None, None, 1.0, tail_bucket)
+        for o in (out[0], out[2], out[3]):  # out, coef, shift
+            assert o.cpu()[1:5].isnan().all() and o.cpu()[[0, 5, 6]].isfinite().all()
+
+
+@pytest.mark.parametrize("tau", [1e-3, 1e-6])
+def test_kernels_low_temperature_agree_with_float64(kdev, tau, gen):
+    """log p relative to the row max: at τ → 0 the values grow like 1/τ, still exact."""
+    N, V = 4, 3000
+    z, zr = (make_logits((N, V), torch.float32, "cpu", generator=gen) for _ in range(2))
+    tok = torch.randint(0, V, (N,), generator=gen)
+    support = topk_ref(z + 0.5 * torch.randn(N, V, generator=gen), K)
+    z, zr, tok, support = _put(kdev, z, zr, tok, support)
+    with kdev.api():
+        sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=tok, temperature=tau)
+        got = tike_cuda.topk_kl(z, sref, sampled_tokens=tok, temperature=tau, tail="bucket")
+    ref = topk_kl_reference(z.cpu(), zr.cpu(), K, sampled_tokens=tok.cpu(), temperature=tau,
+                            tail="bucket", support=support.cpu())
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_kernels_layouts_masks_and_reproducibility(kdev, gen):
+    B, T, V = 2, 5, 333
+    full = make_logits((B, T + 1, V), torch.float16, "cpu", generator=gen)
+    zr_full = make_logits((B, T + 2, V), torch.float16, "cpu", generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.3
+    tok = torch.where(mask, torch.randint(0, V, (B, T), generator=gen), -100)
+    full, zr_full, mask, tok = _put(kdev, full, zr_full, mask, tok)
+    z, zr = full[:, :-1], zr_full[:, 2:]  # strided views, rows aligned differently
+    runs = []
+    for _ in range(2):
+        with kdev.api():
+            support = tike_cuda.topk_indices(z, K, mask=mask)
+            sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=tok, mask=mask)
+            out = tike_cuda.topk_kl(z, sref, sampled_tokens=tok, mask=mask, tail="bucket")
+        runs.append((support, sref.logprobs, sref.tail_logmass, out))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    cpu = tike_cuda.sparse_reference(zr.cpu(), support.cpu(), sampled_tokens=tok.cpu(),
+                                     mask=mask.cpu())
+    torch.testing.assert_close(sref.logprobs.cpu(), cpu.logprobs, atol=1e-4, rtol=1e-4)
+    exp = tike_cuda.topk_kl(z.cpu(), cpu, sampled_tokens=tok.cpu(), mask=mask.cpu(), tail="bucket")
+    torch.testing.assert_close(out.cpu(), exp, atol=1e-4, rtol=1e-4)
+    assert support.cpu()[~mask.cpu()].eq(-1).all() and out.cpu()[~mask.cpu()].eq(0).all()

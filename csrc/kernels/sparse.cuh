@@ -11,7 +11,8 @@
 //
 // A row whose S~ holds an index outside [0, V) or an index twice, or whose sampled token
 // is out of range, gives NaN (checking on the host would need a sync); nothing is read
-// out of bounds.
+// out of bounds. So does a row whose distribution is undefined (a NaN, a +inf logit, no
+// finite logit), as in docs/kernels.md.
 #pragma once
 #include <climits>
 
@@ -72,7 +73,7 @@ struct LazyLseTail {
     float e[N], a = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      e[i] = ex2(__fmaf_rn(x[i], c, -m));
+      e[i] = ex2(scaled_minus(x[i], c, m));
       a += e[i];
     }
     if (!(a <= kLazyLimit)) {
@@ -92,7 +93,7 @@ struct LazyLseTail {
   __device__ __forceinline__ void add_slow(const float (&x)[N], uint32_t members, float c) {
     float mx = m;
 #pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, x[i] * c);
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(x[i], c));
     if (mx > m) {
       if (s != 0.f) {
         const float f = ex2(m - mx);
@@ -105,7 +106,7 @@ struct LazyLseTail {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (x[i] == -kInf) continue;
-      const float e = ex2(__fmaf_rn(x[i], c, -m));
+      const float e = ex2(scaled_minus(x[i], c, m));
       a += e;
       b += ((members >> i) & 1u) ? 0.f : e;
     }
@@ -114,9 +115,19 @@ struct LazyLseTail {
   }
 };
 
+// The row's log-sum-exp as the reference m (a rounded x·c, base 2) and log2 S, so that
+// log p_v = ln2·((x_v·c − m) − log2 S) keeps its digits however large x/τ is (never
+// x/τ − lse, two huge numbers cancelling); and the tail mass relative to S.
 struct RowPass {
-  double lse;   // log Σ_v exp(x_v/τ)
-  double tail;  // Σ_{v∉S~} exp(x_v/τ − lse), from the tail terms
+  float m, c;
+  double l2s;   // log2 Σ_v 2^(x_v·c − m)
+  double tail;  // Σ_{v∉S~} p_v, from the tail terms
+  bool defined;  // false: a NaN, a +inf or no finite logit in the row (p undefined)
+
+  __device__ __forceinline__ double log_prob(float x) const {
+    return kLn2 * ((double(__fmul_rn(x, c)) - double(m)) - l2s);
+  }
+  __device__ __forceinline__ double lse() const { return kLn2 * (double(m) + l2s); }
 };
 
 // One pass over the row: the log-sum-exp of x/τ and (with a non-empty cursor) the tail
@@ -134,8 +145,13 @@ __device__ __forceinline__ RowPass scan_row(const T* row, int V, float c, Suppor
   const float s = block_sum(acc.s != 0.f ? acc.s * ex2(acc.m - m) : 0.f, fs);
   const float t = block_sum(acc.t != 0.f ? acc.t * ex2(acc.m - m) : 0.f, fs);
   RowPass r;
-  r.lse = (double(m) + log2(double(s))) * kLn2;
-  r.tail = s != 0.f ? double(t) / double(s) : 0.0;  // NaN stays NaN
+  r.m = m;
+  r.c = c;
+  r.l2s = log2(double(s));
+  r.tail = double(t) / double(s);
+  // s > 0 and finite: a NaN propagates into s, a +inf logit makes it inf − inf = NaN, a
+  // row of −inf leaves it 0.
+  r.defined = s > 0.f && s < kInf;
   return r;
 }
 
@@ -197,20 +213,20 @@ __global__ void __launch_bounds__(kThreads) reference_kernel(const SparseReferen
   const bool o_extra = K1 > k && o >= 0 && !bad && !sorted_contains(srt, k, o);
   for (int s = tid; s < k; s += kThreads) idx[s] = sup[s];
   if (K1 > k && tid == 0) idx[k] = o_extra ? o : -1;
+  const float nan = __int_as_float(0x7fc00000);
   if (bad) {
-    for (int s = tid; s < K1; s += kThreads) lq[s] = __int_as_float(0x7fc00000);
-    if (tid == 0) a.tail_logmass[n] = __int_as_float(0x7fc00000);
+    for (int s = tid; s < K1; s += kThreads) lq[s] = nan;
+    if (tid == 0) a.tail_logmass[n] = nan;
     return;
   }
   const T* qrow = row_base<T>(a.ref_logits, a.ref_layout, n);
   SupportCursor cur(srt, k, o_extra ? o : -1);
   const RowPass q = scan_row(qrow, V, kLog2e / a.temperature, cur, fs);
-  const double inv_tau = double(1.f / a.temperature);  // as the CPU kernels round it
   for (int s = tid; s < K1; s += kThreads) {
     const int j = s < k ? sup[s] : (o_extra ? o : -1);
-    lq[s] = j < 0 ? -kInf : float(double(load1(qrow + j)) * inv_tau - q.lse);
+    lq[s] = !q.defined ? nan : j < 0 ? -kInf : float(q.log_prob(load1(qrow + j)));
   }
-  if (tid == 0) a.tail_logmass[n] = float(log(q.tail));
+  if (tid == 0) a.tail_logmass[n] = q.defined ? float(log(q.tail)) : nan;
 }
 
 __device__ __forceinline__ void write_policy_row(const TopkKlSparseArgs& a, int64_t n, float v) {
@@ -243,14 +259,18 @@ __global__ void __launch_bounds__(kThreads) policy_kernel(const TopkKlSparseArgs
   // Without the tail bucket the pass needs no membership: an empty list.
   SupportCursor cur(a.sorted + n * K1, a.tail_bucket ? K1 : 0, -1);
   const RowPass p = scan_row(zrow, V, kLog2e / a.temperature, cur, fs);
+  if (!p.defined) {  // uniform: every thread has the same p
+    write_policy_row(a, n, __int_as_float(0x7fc00000));
+    return;
+  }
   const double inv_tau = double(1.f / a.temperature);
 
   double lp_o = 0.0, ratio = 1.0;
-  if (o >= 0) lp_o = double(load1(zrow + o)) * inv_tau - p.lse;
+  if (o >= 0) lp_o = p.log_prob(load1(zrow + o));
   if (a.old_logprobs) ratio = exp(lp_o - double(a.old_logprobs[n]));
   TikeHead h;
   for (int s = tid; s < K1; s += kThreads) {
-    if (idx[s] >= 0) h.add(double(load1(zrow + idx[s])) * inv_tau - p.lse, double(lq[s]));
+    if (idx[s] >= 0) h.add(p.log_prob(load1(zrow + idx[s])), double(lq[s]));
   }
   h.D = block_sum(h.D, ds);
   h.C = block_sum(h.C, ds);
@@ -262,11 +282,11 @@ __global__ void __launch_bounds__(kThreads) policy_kernel(const TopkKlSparseArgs
   for (int s = tid; s < K1; s += kThreads) {
     const int j = idx[s];
     a.coef[n * K1 + s] =
-        j < 0 ? 0.f : tike_coef(double(load1(zrow + j)) * inv_tau - p.lse, double(lq[s]), scale, t.b);
+        j < 0 ? 0.f : tike_coef(p.log_prob(load1(zrow + j)), double(lq[s]), scale, t.b);
   }
   if (tid == 0) {
     a.out[n] = float(ratio * (h.D + t.T));
-    a.lse[n] = float(p.lse);
+    a.lse[n] = float(p.lse());
     a.shift[n] = float(scale * (h.C - h.m_p * t.b));
     a.stats[n * 3] = float(h.m_p);
     a.stats[n * 3 + 1] = float(lp_o);

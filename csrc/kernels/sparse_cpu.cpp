@@ -6,7 +6,8 @@
 //   topk_kl_sparse:   over the policy row → lse_p (and t_p for the tail bucket), then
 //                     the TIKE terms of tike_terms.h against the stored log q.
 // A row whose S~ is out of range or repeats an index (the glue rejects those on the CPU)
-// or whose sampled token is out of range gives NaN, never a read out of bounds.
+// or whose sampled token is out of range gives NaN, never a read out of bounds; so does a
+// row whose distribution is undefined (a NaN, a +inf logit, no finite logit).
 #include "sparse_cpu.h"
 
 #include <algorithm>
@@ -110,6 +111,11 @@ TIKE_INLINE void reference_row(const SparseReferenceArgs& a, int64_t r, Scratch&
   const float s = 1.f / a.temperature;
   const void* qrow = row_ptr(a.ref_logits, a.dtype, a.ref_layout, r);
   const LseTail q = scan_lse_tail(qrow, a.dtype, a.V, s, sc.members, true, sc);
+  if (!std::isfinite(q.lse)) {  // a NaN, a +inf or no finite logit: q undefined
+    std::fill(lq, lq + K1, kNaN);
+    a.tail_logmass[r] = kNaN;
+    return;
+  }
   for (int64_t slot = 0; slot < K1; ++slot)
     lq[slot] = idx[slot] < 0 ? -kInf : float(double(load_one(qrow, a.dtype, idx[slot])) * s - q.lse);
   a.tail_logmass[r] = float(std::log(q.tail));
@@ -140,6 +146,10 @@ TIKE_INLINE void policy_row(const TopkKlSparseArgs& a, int64_t r, Scratch& sc) {
   const float s = 1.f / a.temperature;
   const void* zrow = row_ptr(a.logits, a.dtype, a.logits_layout, r);
   const LseTail p = scan_lse_tail(zrow, a.dtype, a.V, s, sc.members, a.tail_bucket, sc);
+  if (!std::isfinite(p.lse)) {  // a NaN, a +inf or no finite logit: p undefined
+    write_row(a, r, kNaN);
+    return;
+  }
 
   double lp_o = 0.0, ratio = 1.0;
   if (tok >= 0) lp_o = double(load_one(zrow, a.dtype, tok)) * s - p.lse;
