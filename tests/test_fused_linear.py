@@ -312,3 +312,21 @@ def test_bad_input(gen):
         call(*a, temperature=0.0)
     with pytest.raises(ValueError, match="bias must be"):
         call(*a, bias=inp["bias"][:-1])
+
+
+def test_readme_snippet_runs(gen):
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### From hidden states"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    inp = make(gen)
+    lm_head, ref_lm_head = torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, V, bias=False)
+    ref_lm_head.requires_grad_(False)
+    env = dict(hidden=inp["hidden"], ref_hidden=inp["ref_hidden"], lm_head=lm_head,
+               ref_lm_head=ref_lm_head, responses=inp["sampled_tokens"],
+               old_logprobs=inp["old_logprobs"], advantages=inp["advantages"],
+               response_mask=inp["response_mask"])
+    exec(compile(code, "README.md", "exec"), env)
+    assert torch.isfinite(env["loss"]) and lm_head.weight.grad is not None
+    assert inp["hidden"].grad is not None and set(env["metrics"]) >= {"loss", "kl", "pg_loss"}

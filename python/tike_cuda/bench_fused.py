@@ -43,7 +43,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -96,14 +95,6 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- worker
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(field)
-
-
 def _inputs(case: Case, torch):
     """Policy and reference heads near each other, random tokens, all positions valid."""
     dt, dev = getattr(torch, DTYPES[case.dtype]), torch.device(case.device)
@@ -155,6 +146,8 @@ def _call(case: Case, torch):
 
 def worker(case: Case, repeats: int) -> dict:
     import torch
+
+    from .bench import _proc_status_kib, environment
     gc.collect()
     call, chunk = _call(case, torch)
     cuda = case.device == "cuda"
@@ -170,9 +163,9 @@ def worker(case: Case, repeats: int) -> dict:
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-        base = _status_kib("VmRSS")
+        base = _proc_status_kib("VmRSS")
         out = call()
-        peak = (_status_kib("VmHWM") - base) * 1024
+        peak = (_proc_status_kib("VmHWM") - base) * 1024
     del out
     times = []
     for _ in range(repeats):
@@ -190,25 +183,14 @@ def worker(case: Case, repeats: int) -> dict:
         del out
     times.sort()
     elt = torch.empty((), dtype=getattr(torch, DTYPES[case.dtype])).element_size()
+    env = environment(torch.device(case.device))
     N = case.B * case.T
     return dict(asdict(case), N=N, chunk=chunk, p50_ms=times[len(times) // 2] if times else float("nan"),
                 min_ms=times[0] if times else float("nan"), max_ms=times[-1] if times else float("nan"),
                 peak_extra_MiB=peak / 2**20, logits_MiB=N * case.V * elt / 2**20,
                 grads_MiB=(N + case.V) * case.H * elt / 2**20 if case.provider != "calibrate" else 0.0,
                 note="", torch=torch.__version__,
-                host=_host(torch, case.device))
-
-
-def _host(torch, device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+                host=env["gpu"] or env["host"])
 
 
 # ----------------------------------------------------------------------------- driver
