@@ -33,7 +33,8 @@ another's cached or fragmented memory. Peak memory is measured, never computed:
 
 Peak extra memory includes the gradients the call returns (``grads_MiB``: hidden's and the
 weight's — any method must hold those). Times are p50 over ``--repeats`` calls after one
-untimed call (CPU: time.perf_counter; CUDA: events around the call).
+untimed call (CPU: time.perf_counter, and the process's CPU time of all threads, which a
+loaded machine disturbs less than wall time; CUDA: events around the call).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from typing import List, Optional
 PROVIDERS = ("unfused", "fused", "fused_recompute", "liger", "calibrate")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 COLUMNS = ["provider", "estimator", "k", "B", "T", "N", "H", "V", "dtype", "device", "chunk",
-           "p50_ms", "min_ms", "max_ms", "peak_extra_MiB", "logits_MiB", "grads_MiB", "note",
+           "p50_ms", "min_ms", "max_ms", "cpu_p50_ms", "peak_extra_MiB", "logits_MiB", "grads_MiB", "note",
            "date", "torch", "host", "loadavg"]
 
 
@@ -167,7 +168,7 @@ def worker(case: Case, repeats: int) -> dict:
         out = call()
         peak = (_proc_status_kib("VmHWM") - base) * 1024
     del out
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -177,16 +178,19 @@ def worker(case: Case, repeats: int) -> dict:
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = call()
             times.append((time.perf_counter() - t0) * 1e3)
+            cpu_times.append((time.process_time() - c0) * 1e3)
         del out
     times.sort()
+    cpu_times.sort()
     elt = torch.empty((), dtype=getattr(torch, DTYPES[case.dtype])).element_size()
     env = environment(torch.device(case.device))
     N = case.B * case.T
     return dict(asdict(case), N=N, chunk=chunk, p50_ms=times[len(times) // 2] if times else float("nan"),
                 min_ms=times[0] if times else float("nan"), max_ms=times[-1] if times else float("nan"),
+                cpu_p50_ms=cpu_times[len(cpu_times) // 2] if cpu_times else float("nan"),
                 peak_extra_MiB=peak / 2**20, logits_MiB=N * case.V * elt / 2**20,
                 grads_MiB=(N + case.V) * case.H * elt / 2**20 if case.provider != "calibrate" else 0.0,
                 note="", torch=torch.__version__,
@@ -212,7 +216,7 @@ def measure(case: Case, repeats: int, timeout: float) -> dict:
         note = f"timed out after {timeout:.0f} s"
     N = case.B * case.T
     return dict(asdict(case), N=N, p50_ms=float("nan"), min_ms=float("nan"),
-                max_ms=float("nan"), peak_extra_MiB=float("nan"), logits_MiB=float("nan"),
+                max_ms=float("nan"), cpu_p50_ms=float("nan"), peak_extra_MiB=float("nan"), logits_MiB=float("nan"),
                 grads_MiB=float("nan"), note=note, torch="", host="")
 
 
@@ -228,13 +232,16 @@ def markdown(rows: List[dict]) -> str:
         out.append(f"\n{est}, N = {B * T} ({B}×{T}), H = {H}, V = {V}, {dt}, {dev}; one "
                    f"[N, V] logits tensor = {sel[0]['logits_MiB']:.0f} MiB, gradients of "
                    f"hidden + weight = {max(r['grads_MiB'] for r in sel):.0f} MiB\n")
-        out.append("| provider | chunk rows | p50 ms (min–max) | × unfused time | peak extra MiB | × unfused memory | note |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("| provider | chunk rows | p50 ms (min–max) | × unfused | CPU-time ms | × unfused | "
+                   "peak extra MiB | × unfused | note |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for r in sel:
-            tr = f"{r['p50_ms'] / ref['p50_ms']:.2f}" if ref and r["provider"] != "calibrate" else ""
-            mr = f"{r['peak_extra_MiB'] / ref['peak_extra_MiB']:.2f}" if ref and r["provider"] != "calibrate" else ""
+            ratio = lambda key: (f"{r[key] / ref[key]:.2f}" if ref and r["provider"] != "calibrate"
+                                 else "")
             out.append(f"| {r['provider']} | {r['chunk']} | {r['p50_ms']:.0f} ({r['min_ms']:.0f}–"
-                       f"{r['max_ms']:.0f}) | {tr} | {r['peak_extra_MiB']:.0f} | {mr} | {r['note']} |")
+                       f"{r['max_ms']:.0f}) | {ratio('p50_ms')} | {r['cpu_p50_ms']:.0f} | "
+                       f"{ratio('cpu_p50_ms')} | {r['peak_extra_MiB']:.0f} | "
+                       f"{ratio('peak_extra_MiB')} | {r['note']} |")
     return "\n".join(out) + "\n"
 
 
