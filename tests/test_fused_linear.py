@@ -330,3 +330,16 @@ def test_readme_snippet_runs(gen):
     exec(compile(code, "README.md", "exec"), env)
     assert torch.isfinite(env["loss"]) and lm_head.weight.grad is not None
     assert inp["hidden"].grad is not None and set(env["metrics"]) >= {"loss", "kl", "pg_loss"}
+
+
+@pytest.mark.skipif("seq-mean-token-sum-norm" not in grpo.AGG_MODES,
+                    reason="grpo.aggregate without Dr. GRPO's loss_scale_factor")
+@pytest.mark.parametrize("gradient", GRADIENT_MODES)
+def test_loss_scale_factor(gen, gradient):
+    inp = make(gen)
+    kw = dict(SETTINGS, loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=37.0)
+    fused = run(fused_linear_grpo_loss, inp, chunk_size=6, gradient=gradient, **kw)
+    assert_same(fused, run(unfused_linear_grpo_loss, inp, **kw))
+    default = run(fused_linear_grpo_loss, inp, chunk_size=6, gradient=gradient,
+                  **dict(kw, loss_scale_factor=None))
+    torch.testing.assert_close(fused[0] * 37.0, default[0] * T)  # default: T

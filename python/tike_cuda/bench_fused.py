@@ -96,6 +96,13 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- worker
 
+def _vm_kib() -> dict:
+    """The kernel's memory counters of this process (kB), from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        rows = (line.split() for line in f if line.startswith("Vm"))
+        return {r[0].rstrip(":"): int(r[1]) for r in rows if len(r) >= 2}
+
+
 def _inputs(case: Case, torch):
     """Policy and reference heads near each other, random tokens, all positions valid."""
     dt, dev = getattr(torch, DTYPES[case.dtype]), torch.device(case.device)
@@ -148,7 +155,7 @@ def _call(case: Case, torch):
 def worker(case: Case, repeats: int) -> dict:
     import torch
 
-    from .bench import _proc_status_kib, environment
+    from .bench import environment
     gc.collect()
     call, chunk = _call(case, torch)
     cuda = case.device == "cuda"
@@ -164,9 +171,9 @@ def worker(case: Case, repeats: int) -> dict:
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-        base = _proc_status_kib("VmRSS")
+        base = _vm_kib()["VmRSS"]
         out = call()
-        peak = (_proc_status_kib("VmHWM") - base) * 1024
+        peak = (_vm_kib()["VmHWM"] - base) * 1024
     del out
     times, cpu_times = [], []
     for _ in range(repeats):

@@ -437,7 +437,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Tenso
                            *, bias: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                            beta: float = 1e-3, clip_eps: float = 0.2,
                            clip_eps_high: Optional[float] = None,
-                           loss_agg_mode: str = "token-mean", temperature: float = 1.0,
+                           loss_agg_mode: str = "token-mean",
+                           loss_scale_factor: Optional[float] = None, temperature: float = 1.0,
                            kl_estimator: str = "tike", k: int = 16, return_entropy: bool = False,
                            chunk_size: Optional[int] = None,
                            memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -466,7 +467,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Tenso
 
     Settings: as ``grpo.grpo_loss`` (``beta``, ``clip_eps``, ``clip_eps_high``,
     ``loss_agg_mode`` — any of ``grpo.AGG_MODES``, all linear in the per-token loss,
-    which the fused gradient relies on) and ``per_token_kl`` (``kl_estimator`` — any of
+    which the fused gradient relies on —, and ``loss_scale_factor``, passed on only when
+    given, for the modes that take it) and ``per_token_kl`` (``kl_estimator`` — any of
     ``estimators.ESTIMATORS`` —, ``k``, ``temperature``). ``return_entropy`` adds
     ``metrics["entropy"]``, the entropy aggregated with ``loss_agg_mode``.
 
@@ -492,6 +494,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Tenso
     if clip_eps_high is not None:
         _number(clip_eps_high, "clip_eps_high")
     _checks.choice(loss_agg_mode, "loss_agg_mode", grpo.AGG_MODES)
+    agg = _agg_kwargs(loss_agg_mode, loss_scale_factor)
     temperature = _checks.temperature(temperature)
     V = weight.shape[0]
     k = _checks.k_value(k, V)
@@ -520,7 +523,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Tenso
                              f"values in [{lo}, {hi}]")
     with torch.enable_grad():  # the aggregation's per-token weights d agg / d loss_bt
         probe = torch.zeros(B, T, dtype=torch.float32, device=hidden.device, requires_grad=True)
-        agg_w, = torch.autograd.grad(grpo.aggregate(probe, response_mask, loss_agg_mode), probe)
+        agg_w, = torch.autograd.grad(grpo.aggregate(probe, response_mask, **agg), probe)
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
@@ -532,7 +535,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Tenso
 
     def finish(lp, kl):
         return grpo.grpo_loss(lp.view(B, T), old_logprobs, advantages, kl_of(kl), response_mask,
-                              beta, clip_eps, loss_agg_mode, clip_eps_high=clip_eps_high)
+                              beta, clip_eps, clip_eps_high=clip_eps_high, **_loss_kwargs(agg))
 
     if gradient == "in_forward":
         loss, lp, kl, ent = _GradInForward.apply(hidden, weight, bias, ref_hidden, ref_weight,
@@ -546,8 +549,22 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Tenso
             kl = torch.where(flat, kl_penalty(lp, kl, est), torch.zeros_like(lp))
         loss, metrics = finish(lp, kl)
     if return_entropy:
-        metrics["entropy"] = grpo.aggregate(ent.view(B, T), response_mask, loss_agg_mode).detach()
+        metrics["entropy"] = grpo.aggregate(ent.view(B, T), response_mask, **agg).detach()
     return loss, metrics
+
+
+def _agg_kwargs(mode: str, loss_scale_factor) -> dict:
+    """grpo.aggregate's keywords; loss_scale_factor only when given."""
+    if loss_scale_factor is None:
+        return dict(mode=mode)
+    return dict(mode=mode, loss_scale_factor=_number(loss_scale_factor, "loss_scale_factor", 1e-30))
+
+
+def _loss_kwargs(agg: dict) -> dict:
+    """The same for grpo.grpo_loss, which names the mode loss_agg_mode."""
+    out = dict(agg, loss_agg_mode=agg["mode"])
+    del out["mode"]
+    return out
 
 
 def unfused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Tensor,
@@ -555,8 +572,8 @@ def unfused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Ten
                              ref_hidden: Optional[Tensor] = None,
                              ref_weight: Optional[Tensor] = None, *, bias=None, ref_bias=None,
                              beta: float = 1e-3, clip_eps: float = 0.2, clip_eps_high=None,
-                             loss_agg_mode: str = "token-mean", temperature: float = 1.0,
-                             kl_estimator: str = "tike", k: int = 16,
+                             loss_agg_mode: str = "token-mean", loss_scale_factor=None,
+                             temperature: float = 1.0, kl_estimator: str = "tike", k: int = 16,
                              return_entropy: bool = False):
     """What :func:`fused_linear_grpo_loss` computes, written the plain way: full ``[B, T, V]``
     logits of both models, then ``token_logprobs`` + ``per_token_kl`` + ``grpo.grpo_loss``.
@@ -572,10 +589,11 @@ def unfused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Ten
         ref_logits = F.linear(ref_hidden.reshape(B, T, -1).detach(), ref_weight, ref_bias)
         kl = per_token_kl(logits, ref_logits, kl_estimator, sampled_tokens=tokens,
                           old_logprobs=old_logprobs, k=k, temperature=temperature, mask=mask)
+    agg = _agg_kwargs(loss_agg_mode, loss_scale_factor)
     loss, metrics = grpo.grpo_loss(logprobs, old_logprobs, advantages, kl, response_mask, beta,
-                                   clip_eps, loss_agg_mode, clip_eps_high=clip_eps_high)
+                                   clip_eps, clip_eps_high=clip_eps_high, **_loss_kwargs(agg))
     if return_entropy:
-        metrics["entropy"] = grpo.aggregate(entropy.detach(), response_mask, loss_agg_mode)
+        metrics["entropy"] = grpo.aggregate(entropy.detach(), response_mask, **agg)
     return loss, metrics
 
 
@@ -589,12 +607,13 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
     def __init__(self, *, beta: float = 1e-3, clip_eps: float = 0.2,
                  clip_eps_high: Optional[float] = None, loss_agg_mode: str = "token-mean",
-                 temperature: float = 1.0, kl_estimator: str = "tike", k: int = 16,
+                 loss_scale_factor: Optional[float] = None, temperature: float = 1.0, kl_estimator: str = "tike", k: int = 16,
                  return_entropy: bool = False, chunk_size: Optional[int] = None,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, gradient: str = "in_forward"):
         super().__init__()
         self.settings = dict(beta=beta, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-                             loss_agg_mode=loss_agg_mode, temperature=temperature,
+                             loss_agg_mode=loss_agg_mode,
+                             loss_scale_factor=loss_scale_factor, temperature=temperature,
                              kl_estimator=kl_estimator, k=k, return_entropy=return_entropy,
                              chunk_size=chunk_size, memory_budget=memory_budget,
                              gradient=gradient)
