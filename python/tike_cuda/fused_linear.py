@@ -49,16 +49,11 @@ class _Settings:
     beta: float
     clip_eps: float
     clip_eps_high: Optional[float]
-    loss_agg_mode: str
     temperature: float
     kl_estimator: Optional[str]  # None: no reference (beta == 0)
     k: int
     return_entropy: bool
     chunk: int
-
-    @property
-    def dense(self) -> bool:
-        return self.kl_estimator in ("tike", "tike_bucket", "full")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -79,6 +74,8 @@ def _head(hidden, weight, bias, which: str):
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{w} must be [V, H] with H = {h}.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
+    if bias is not None:
+        _tensor(bias, f"{which}bias")
     for name, t in ((w, weight), (f"{which}bias", bias)):
         if t is None:
             continue
@@ -86,7 +83,7 @@ def _head(hidden, weight, bias, which: str):
             raise TypeError(f"{name} must have {h}'s dtype {hidden.dtype}, got {t.dtype}")
         if t.device != hidden.device:
             raise ValueError(f"{name} must be on {h}'s device {hidden.device}, got {t.device}")
-    if bias is not None and (_tensor(bias, f"{which}bias").shape != weight.shape[:1]):
+    if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"{which}bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
@@ -304,23 +301,26 @@ def _chunks(bt: _Batch):
     return [(s, min(s + c, M)) for s in range(0, M, c)]
 
 
-def _to_rows(bt: _Batch, x: Optional[Tensor]) -> Optional[Tensor]:
-    """[M] values of the response rows → float32 [N], 0 at masked rows."""
-    if x is None:
-        return None
-    x = x.float()
-    if bt.where is None:
-        return x
-    return x.new_zeros(bt.n_rows).index_copy_(0, bt.where, x)
+def _per_token_outputs(bt: _Batch, lps, kls, ents):
+    """The chunks' log p(o), KL (or log q(o)) and entropy as float32 [N], 0 at masked rows;
+    an empty tensor for what was not computed."""
+    dev = bt.tok.device
+
+    def rows(xs, wanted: bool) -> Tensor:
+        if not wanted:
+            return torch.zeros(0, device=dev)
+        out = torch.zeros(bt.n_rows, device=dev)
+        if not xs:  # no response row at all
+            return out
+        x = torch.cat(xs).float()
+        return x if bt.where is None else out.index_copy_(0, bt.where, x)
+    return (rows(lps, True), rows(kls, bt.cfg.kl_estimator is not None),
+            rows(ents, bt.cfg.return_entropy))
 
 
 def _from_rows(bt: _Batch, g: Tensor) -> Tensor:
     g = g.reshape(-1).float()
     return (g if bt.where is None else g.index_select(0, bt.where)).contiguous()
-
-
-def _cat(xs):
-    return None if not xs or xs[0] is None else torch.cat(xs)
 
 
 def _head_grads(bt: _Batch, grads, h_shape, b_dtype):
@@ -360,13 +360,10 @@ class _GradInForward(torch.autograd.Function):
             lps.append(lp)
             kls.append(kl)
             ents.append(ent)
-        lp = _to_rows(bt, _cat(lps)) if lps else r.h.new_zeros(bt.n_rows, dtype=torch.float32)
-        kl = _to_rows(bt, _cat(kls)) if lps else (None if cfg.kl_estimator is None else torch.zeros_like(lp))
-        ent = _to_rows(bt, _cat(ents)) if lps else (torch.zeros_like(lp) if cfg.return_entropy else None)
         ctx.grads = _head_grads(bt, grads, h.shape, None if b is None else b.dtype)
-        outs = [x if x is not None else lp.new_zeros(0) for x in (lp, kl, ent)]
-        ctx.mark_non_differentiable(*outs)
-        return (finish(lp, kl), *outs)
+        lp, kl, ent = _per_token_outputs(bt, lps, kls, ents)
+        ctx.mark_non_differentiable(lp, kl, ent)
+        return finish(lp, kl), lp, kl, ent
 
     @staticmethod
     def backward(ctx, g_loss, *_unused):
@@ -402,11 +399,7 @@ class _Recompute(torch.autograd.Function):
             r.rh = r.rw = r.rb = None  # only "full"'s backward re-reads the reference
         ctx.bt, ctx.r, ctx.saved = bt, r, saved_all
         ctx.h_shape, ctx.b_dtype = h.shape, None if b is None else b.dtype
-        empty = r.h.new_zeros(bt.n_rows, dtype=torch.float32)
-        lp = _to_rows(bt, _cat(lps)) if lps else empty
-        kl = _to_rows(bt, _cat(kls)) if lps else (None if cfg.kl_estimator is None else empty.clone())
-        ent = _to_rows(bt, _cat(ents)) if lps else (empty.clone() if cfg.return_entropy else None)
-        kl, ent = (x if x is not None else lp.new_zeros(0) for x in (kl, ent))
+        lp, kl, ent = _per_token_outputs(bt, lps, kls, ents)
         ctx.mark_non_differentiable(ent, *((kl,) if _sampled(cfg) else ()))
         return lp, kl, ent
 
@@ -527,7 +520,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, sampled_tokens: Tenso
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
-    cfg = _Settings(beta, clip_eps, clip_eps_high, loss_agg_mode, temperature, est, k,
+    cfg = _Settings(beta, clip_eps, clip_eps_high, temperature, est, k,
                     return_entropy, int(chunk_size))
     bt = _Batch(cfg, tok, take(old_logprobs.detach()), take(adv.detach().expand(B, T)),
                 take(agg_w), where, B * T, need)
