@@ -6,6 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tike_cuda
+from conftest import DEVICES
 from tike_cuda import grpo
 from tike_cuda.estimators import ESTIMATORS
 from tike_cuda.fused_linear import (GRADIENT_MODES, chunk_rows, fused_linear_grpo_loss,
@@ -343,3 +344,19 @@ def test_loss_scale_factor(gen, gradient):
     default = run(fused_linear_grpo_loss, inp, chunk_size=6, gradient=gradient,
                   **dict(kw, loss_scale_factor=None))
     torch.testing.assert_close(fused[0] * 37.0, default[0] * T)  # default: T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("estimator", ["tike", "k3", "full"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_device(gen, device, estimator, dtype):
+    # the same check on every device (CUDA where present): matmuls through torch, per-chunk
+    # work through the device's kernels, the in-place backward included
+    inp = {n: (t.detach().to(device).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor)
+               else t) for n, t in make(gen, dtype).items()}
+    kw = dict(SETTINGS, kl_estimator=estimator)
+    for gradient in GRADIENT_MODES:
+        fused = run(fused_linear_grpo_loss, inp, chunk_size=7, gradient=gradient, **kw)
+        assert fused[0].device.type == device
+        assert_same(fused, run(unfused_linear_grpo_loss, inp, **kw),
+                    rtol=1e-5 if dtype == torch.float32 else 1.6e-2)
