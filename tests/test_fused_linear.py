@@ -360,3 +360,47 @@ def test_on_device(gen, device, estimator, dtype):
         assert fused[0].device.type == device
         assert_same(fused, run(unfused_linear_grpo_loss, inp, **kw),
                     rtol=1e-5 if dtype == torch.float32 else 1.6e-2)
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_logprobs_kl_building_block(gen, estimator, with_old):
+    # per-token log p(o) and KL with their gradients under any downstream loss
+    inp = make(gen)
+    mask, tau = inp["response_mask"], 0.7
+    old = inp["old_logprobs"] if with_old else None
+    tokens = torch.where(mask, inp["sampled_tokens"], torch.zeros_like(inp["sampled_tokens"]))
+    a, b = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    wrt = [inp["hidden"], inp["weight"], inp["bias"]]
+
+    out = tike_cuda.fused_linear.fused_linear_logprobs_kl(
+        *_args(inp)[:3], mask, inp["ref_hidden"], inp["ref_weight"], bias=inp["bias"],
+        ref_bias=inp["ref_bias"], kl_estimator=estimator, k=5, temperature=tau,
+        old_logprobs=old, return_entropy=True, chunk_size=7)
+    g_fused = torch.autograd.grad(((out.logprobs * a + out.kl * b) * mask).sum(), wrt)
+
+    logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"])
+    ref_logits = torch.nn.functional.linear(inp["ref_hidden"], inp["ref_weight"], inp["ref_bias"])
+    lp, ent = tike_cuda.token_logprobs(logits, tokens, temperature=tau, return_entropy=True)
+    kl = tike_cuda.per_token_kl(logits, ref_logits, estimator, sampled_tokens=tokens,
+                                old_logprobs=old, k=5, temperature=tau, mask=mask)
+    g_ref = torch.autograd.grad(((lp * a + kl * b) * mask).sum(), wrt)
+
+    close = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * y.abs().max())
+    close(out.logprobs[mask], lp[mask].detach())
+    close(out.kl, kl.detach())
+    close(out.entropy[mask], ent[mask].detach())
+    assert out.logprobs[~mask].eq(0).all() and not out.entropy.requires_grad
+    for x, y in zip(g_fused, g_ref):
+        close(x, y)
+    if estimator.startswith("tike"):
+        stats = tike_cuda.topk_kl(logits.detach(), ref_logits, 5, sampled_tokens=tokens,
+                                  temperature=tau, mask=mask, return_stats=True)[1]
+        close(out.topk_mass, stats.topk_mass)
+    else:
+        assert out.topk_mass is None
+    # without a reference: log-probs only
+    only = tike_cuda.fused_linear.fused_linear_logprobs_kl(*_args(inp)[:3], mask, chunk_size=4,
+                                                           bias=inp["bias"], temperature=tau)
+    assert only.kl is None and only.entropy is None
+    close(only.logprobs[mask], lp[mask].detach())
