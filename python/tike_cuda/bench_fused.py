@@ -96,13 +96,6 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- worker
 
-def _vm_kib() -> dict:
-    """The kernel's memory counters of this process (kB), from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        rows = (line.split() for line in f if line.startswith("Vm"))
-        return {r[0].rstrip(":"): int(r[1]) for r in rows if len(r) >= 2}
-
-
 def _inputs(case: Case, torch):
     """Policy and reference heads near each other, random tokens, all positions valid."""
     dt, dev = getattr(torch, DTYPES[case.dtype]), torch.device(case.device)
@@ -156,25 +149,13 @@ def worker(case: Case, repeats: int) -> dict:
     import torch
 
     from .bench import environment
+    from .measure import peak_extra_mib
     gc.collect()
     call, chunk = _call(case, torch)
     cuda = case.device == "cuda"
-    if cuda:
-        out = call()  # warm-up (Triton / cuBLAS autotuning, allocator pools)
-        del out
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = call()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        base = _vm_kib()["VmRSS"]
-        out = call()
-        peak = (_vm_kib()["VmHWM"] - base) * 1024
-    del out
+    if cuda:  # a warm-up call (autotuning, allocator pools), its outputs dropped at once;
+        call()  # on the CPU the measured call is the first (module docstring)
+    peak_mib = peak_extra_mib(call, torch.device(case.device))
     times, cpu_times = [], []
     for _ in range(repeats):
         if cuda:
@@ -198,7 +179,7 @@ def worker(case: Case, repeats: int) -> dict:
     return dict(asdict(case), N=N, chunk=chunk, p50_ms=times[len(times) // 2] if times else float("nan"),
                 min_ms=times[0] if times else float("nan"), max_ms=times[-1] if times else float("nan"),
                 cpu_p50_ms=cpu_times[len(cpu_times) // 2] if cpu_times else float("nan"),
-                peak_extra_MiB=peak / 2**20, logits_MiB=N * case.V * elt / 2**20,
+                peak_extra_MiB=peak_mib, logits_MiB=N * case.V * elt / 2**20,
                 grads_MiB=(N + case.V) * case.H * elt / 2**20 if case.provider != "calibrate" else 0.0,
                 note="", torch=torch.__version__,
                 host=env["gpu"] or env["host"])
