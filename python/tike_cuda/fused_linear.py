@@ -6,7 +6,9 @@ fused into the loss, chunk by chunk, so the N×V logits of neither model are eve
                             response_mask, ref_hidden, ref_lm_head.weight)
 
 equals, in value and gradients, :func:`unfused_linear_grpo_loss` (logits = hidden @ W^T,
-then ``token_logprobs`` + ``per_token_kl`` + ``grpo.grpo_loss``).
+then ``token_logprobs`` + ``per_token_kl`` + ``grpo.grpo_loss``). For any other loss,
+:func:`fused_linear_logprobs_kl` gives the per-token log-probs and KL the same way. The
+chunk machinery is in ``_fused_head``.
 """
 from __future__ import annotations
 
