@@ -23,6 +23,19 @@
 namespace tike::cuda {
 namespace sparse_detail {
 
+// The first position in [lo, hi) of the ascending list s whose entry is >= v (hi if none).
+__device__ __forceinline__ int lower_bound(const int32_t* s, int lo, int hi, int v) {
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (s[mid] < v) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 // Which of the columns j .. j+n−1 (n <= 32) are in the ascending list s[0, len) or equal
 // `extra`, for a thread whose calls come in increasing j (a smaller j restarts the walk).
 // The common answer, none, costs one compare against the next member.
@@ -36,17 +49,8 @@ struct SupportCursor {
     nxt = len > 0 ? s[0] : INT_MAX;
   }
   __device__ __forceinline__ void seek(int j) {  // first member >= j, from cur on
-    int lo = cur, hi = len;
-    while (lo < hi) {
-      const int mid = (lo + hi) >> 1;
-      if (s[mid] < j) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    cur = lo;
-    nxt = lo < len ? s[lo] : INT_MAX;
+    cur = lower_bound(s, cur, len, j);
+    nxt = cur < len ? s[cur] : INT_MAX;
   }
   __device__ __forceinline__ uint32_t flags(int j, int n) {
     if (j < last) {
@@ -169,16 +173,8 @@ __device__ __forceinline__ bool support_invalid(const int32_t* srt, int n, int V
 }
 
 __device__ __forceinline__ bool sorted_contains(const int32_t* s, int n, int v) {
-  int lo = 0, hi = n;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (s[mid] < v) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo < n && s[lo] == v;
+  const int i = lower_bound(s, 0, n, v);
+  return i < n && s[i] == v;
 }
 
 // The sampled token of row n: its column, −1 without sampled tokens; `bad` when out of range.
