@@ -117,16 +117,18 @@ def mask(x, ref: Tensor, name: str = "mask") -> Optional[Tensor]:
     return x
 
 
-def tokens(x, ref: Tensor, name: str, mask: Optional[Tensor] = None) -> Optional[Tensor]:
+def tokens(x, ref: Tensor, name: str, mask: Optional[Tensor] = None,
+           vocab: Optional[int] = None) -> Optional[Tensor]:
     """Token ids in [0, V) at the rows `mask` keeps (a bool mask from :func:`mask`); the ids
-    of masked rows (padding such as -100) are never read, so they are not checked."""
+    of masked rows (padding such as -100) are never read, so they are not checked.
+    ``vocab``: V when it is not ``ref``'s last dim (a vocabulary shard's global V)."""
     x = per_token(x, ref, name, "int")
     # Range check where it is free (see data_checks_possible): on a GPU it would be a hidden
     # host sync per call, and the CUDA kernels give NaN for a row whose token is out of range.
     if x is not None and x.numel() and data_checks_possible(x, mask):
         live = x if mask is None else x[mask]
         if live.numel():
-            V = ref.shape[-1]
+            V = ref.shape[-1] if vocab is None else vocab
             lo, hi = int(live.min()), int(live.max())
             if lo < 0 or hi >= V:
                 where = "" if mask is None else " at unmasked positions"
