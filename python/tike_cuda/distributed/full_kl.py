@@ -69,7 +69,10 @@ def _forward(logits, ref_logits, live, tau, layout):
     terms = torch.where(log_w == -_INF, zero,
                         torch.where(infinite, inf, log_w.exp() * (kl_i + log_w - log_u)))
     bad = ~(torch.isfinite(Mp) & torch.isfinite(lp) & torch.isfinite(Mq) & torch.isfinite(lq))
-    out = torch.where(bad, torch.full_like(zero, float("nan")), terms.sum(1))
+    nan = torch.full_like(zero, float("nan"))
+    out = torch.where(bad, nan, terms.sum(1))
+    # An undefined row's backward reads NaN pairs: its whole gradient is NaN on every rank.
+    Mp, lp, Mq, lq = (torch.where(bad, nan, x) for x in (Mp, lp, Mq, lq))
     if live is not None:
         out = torch.where(live, out, zero)
         Mp, lp, Mq, lq = (torch.where(live, x, zero) for x in (Mp, lp, Mq, lq))

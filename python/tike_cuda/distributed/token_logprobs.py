@@ -90,6 +90,7 @@ def _forward(logits, tok, live, tau, with_entropy, layout):
         # Σ_i w_i (H_i − log w_i); a shard without mass adds nothing (its H_i is undefined).
         terms = log_w.exp() * (st[..., 3].double() - log_w)
         H = torch.where(bad, nan, torch.where(log_w == -float("inf"), zero, terms).sum(1))
+    M, ell = torch.where(bad, nan, M), torch.where(bad, nan, ell)  # NaN gradient rows
     if live is not None:
         logp = torch.where(live, logp, zero)
         H = torch.where(live, H, zero) if with_entropy else H

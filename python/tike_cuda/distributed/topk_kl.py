@@ -252,6 +252,8 @@ def _combine(fields, k: int, tok: Optional[Tensor], old: Optional[Tensor],
     coef = torch.where(counted, scale.unsqueeze(1) * (L + 1 - b.unsqueeze(1)), zero)
     coef = torch.where(valid & bad.unsqueeze(1), nan, coef)
     stats = torch.stack([m_p, lp_o, m_q], 1)
+    # An undefined row's backward reads a NaN lse: its whole gradient is NaN on every rank.
+    Mp, lp_g = torch.where(bad, nan, Mp), torch.where(bad, nan, lp_g)
     if live is not None:
         out, shift = torch.where(live, out, zero), torch.where(live, shift, zero)
         coef = torch.where(live.unsqueeze(1), coef, zero)
