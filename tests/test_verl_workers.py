@@ -27,7 +27,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker  # noqa: E402
 from verl.workers.utils.losses import ppo_loss as verl_ppo_loss  # noqa: E402
 from verl.workers.utils.padding import response_from_nested  # noqa: E402
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(240, method="thread")
 
 K = 4  # support size: actor.kl_loss_type=tike:4 (tests/_verl_helpers.compose)
 

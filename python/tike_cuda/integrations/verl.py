@@ -158,9 +158,9 @@ def check_config(actor_rollout_ref, *, distillation=None) -> Optional[KlChoice]:
     return choice
 
 
-def _check_trainer(trainer) -> None:
-    """The driver's part of the start-time checks (what the workers never see)."""
-    config = trainer.config
+def _check_trainer(cls, config) -> None:
+    """The driver's part of the start-time checks (what the workers never see), before the
+    v1 trainer ``cls`` is built on ``config``."""
     if check_config(config.actor_rollout_ref, distillation=config.get("distillation")) is None:
         return
     why = []
@@ -172,17 +172,17 @@ def _check_trainer(trainer) -> None:
         why.append("algorithm.kl_penalty: TIKE is an actor-loss KL, not a reward penalty")
     base = _trainer_base()
     for name in ("_compute_old_log_prob", "_compute_ref_log_prob"):
-        if getattr(type(trainer), name) is not getattr(base.PPOTrainer, name):
-            why.append(f"{type(trainer).__name__} overrides {name}, the pass that stores TIKE's "
-                       "data (tested with the v1 trainer's own passes only)")
+        if getattr(cls, name) is not getattr(base.PPOTrainer, name):
+            why.append(f"{cls.__name__} overrides {name}, the pass that stores TIKE's data "
+                       "(tested with the v1 trainer's own passes only)")
     if why:
         raise ValueError("tike_cuda's verl adapter (actor.kl_loss_type="
                          f"{config.actor_rollout_ref.actor.kl_loss_type!r}) cannot run this "
                          "configuration:\n  - " + "\n  - ".join(why))
 
 
-def _refuse_legacy_trainer(trainer) -> None:
-    if check_config(trainer.config.actor_rollout_ref) is not None:
+def _refuse_legacy_trainer(cls, config) -> None:
+    if check_config(config.actor_rollout_ref) is not None:
         raise ValueError("actor.kl_loss_type=tike needs verl's v1 trainer (trainer.use_v1=true, "
                          "the default): the legacy trainer keeps only log_probs between passes")
 
@@ -464,12 +464,13 @@ def _patch_fsdp_engine(module) -> None:
 
 
 def _wrap_init(cls, check) -> None:
+    """``check(type(self), config)`` before ``cls.__init__(self, config, ...)`` builds anything."""
     orig = cls.__init__
 
     @functools.wraps(orig)
     def __init__(self, *args, **kwargs):
+        check(type(self), kwargs["config"] if "config" in kwargs else args[0])
         orig(self, *args, **kwargs)
-        check(self)
 
     cls.__init__ = __init__
 
