@@ -111,6 +111,10 @@ setup(
     extras_require={
         "analysis": ["matplotlib", "tqdm", "safetensors"],
         "test": ["pytest", "hypothesis", "matplotlib", "tqdm", "safetensors"],
+        # tike_cuda.integrations.trl reads trl's GRPOTrainer internals: the versions its
+        # tests pass with (tests/test_trl.py), peft for the adapter-as-reference path.
+        "trl": ["trl==1.16.0", "transformers==5.24.0", "tokenizers==0.23.3", "datasets==5.2.0",
+                "accelerate==1.15.0", "peft==0.21.2"],
         # tike_cuda.integrations.verl hooks into verl 0.9's workers: the versions its tests
         # (tests/test_verl_*.py) pass with. They clash with [trl]'s (transformers): give
         # each its own environment (scripts/bootstrap.sh makes .venv-verl).
