@@ -98,3 +98,15 @@ def test_driver_refuses_the_legacy_trainer(model):
     with pytest.raises(ValueError, match="v1 trainer"):  # before it needs anything else
         RayPPOTrainer(config=H.compose(model, "trainer.use_v1=false"), tokenizer=None,
                       role_worker_mapping={}, resource_pool_manager=None)
+
+
+def test_readme_config_lines_switch_verl_to_tike(model):
+    import re
+    from pathlib import Path
+    readme = (Path(H.TESTS_DIR).parent / "README.md").read_text()
+    block = re.search(r"### With verl.*?```bash\n(.*?)```", readme, re.S).group(1)
+    overrides = re.findall(r"(actor_rollout_ref\.\S+=\S+)", block)
+    assert len(overrides) == 3
+    config = H.compose(model, *overrides)  # valid overrides of verl's own config
+    assert tike_verl.check_config(config.actor_rollout_ref) == KlChoice("tike", 16)
+    assert config.actor_rollout_ref.actor.kl_loss_coef == 0.001

@@ -46,10 +46,25 @@ def make_worker(model_path, role, *overrides):
     return worker
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["remove_padding", "padded"])
+# verl's layouts of a micro-batch: packed without padding, padded [B, T], and packed with
+# micro-batches formed by token count (samples reordered, outputs restored to batch order)
+LAYOUTS = {
+    "remove_padding": ["actor_rollout_ref.model.use_remove_padding=true"],
+    "padded": ["actor_rollout_ref.model.use_remove_padding=false"],
+    "dynamic_bsz": ["actor_rollout_ref.model.use_remove_padding=true",
+                    *(f"actor_rollout_ref.{key}=true" for key in (
+                        "actor.use_dynamic_bsz", "rollout.log_prob_use_dynamic_bsz",
+                        "ref.log_prob_use_dynamic_bsz")),
+                    *(f"actor_rollout_ref.{key}=20" for key in (
+                        "actor.ppo_max_token_len_per_gpu", "rollout.log_prob_max_token_len_per_gpu",
+                        "ref.log_prob_max_token_len_per_gpu"))],
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
 def workers(request, checkpoints):
-    flag = f"actor_rollout_ref.model.use_remove_padding={request.param}"
-    return make_worker(checkpoints[0], "actor", flag), make_worker(checkpoints[1], "ref", flag)
+    flags = LAYOUTS[request.param]
+    return make_worker(checkpoints[0], "actor", *flags), make_worker(checkpoints[1], "ref", *flags)
 
 
 def old_pass(actor, td):
@@ -234,3 +249,22 @@ def test_refused_at_start(checkpoints):
         with pytest.raises(ValueError, match=reason):
             worker.init_model()
         assert worker.actor is None  # refused before anything was built
+
+
+def test_verls_cross_entropy_backward_leaves_the_logits_to_tike(workers, passes, monkeypatch):
+    """On a GPU verl's flash-attn cross-entropy may write its gradient over the logits in its
+    backward, which TIKE's backward reads afterwards: in the update the plugin asks verl's
+    log-prob function for its out-of-place backward (what reaches it, recorded here)."""
+    from verl.utils import torch_functional
+    actor, _ = workers
+    samples, td, _, _ = passes
+    calls = []
+    verl_fn = torch_functional.logprobs_from_logits
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("inplace_backward", True))
+        return verl_fn(*args, **kwargs)
+
+    monkeypatch.setattr(torch_functional, "logprobs_from_logits", recording)
+    update(actor, td, nested_like([torch.zeros(len(s["responses"])) for s in samples]))
+    assert calls and not any(calls)

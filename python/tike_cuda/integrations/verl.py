@@ -20,7 +20,7 @@ by the old policy, and the reference is stored on it (docs/verl.md):
    ``kl_loss_coef · agg(TIKE)`` with ``loss_agg_mode``'s own aggregation (``actor/kl_loss``).
 
 Each store is a per-response-token field of verl's TransferQueue, which keeps every key a
-worker returns: 4k + (8(k+1) + 4) bytes per response token (212 at k = 16).
+worker returns: 4k + 8(k+1) + 4 bytes per response token (204 at k = 16).
 
 Where verl hands out the logits: ``FSDPEngineWithLMHead.prepare_model_outputs`` calls a
 logits processor (``logits_processor_func``) with the logits already divided by the
@@ -376,16 +376,14 @@ def _wrap_prepare_model_outputs(orig):
     return prepare_model_outputs
 
 
-def _wrap_logprobs_from_logits(orig):
-    # verl's flash-attn cross-entropy may write its gradient over the logits in its backward;
-    # TIKE's backward reads those logits afterwards, so while they are shared it must not.
-    @functools.wraps(orig)
-    def logprobs_from_logits(*args, **kwargs):
-        if getattr(_state, "logits_shared", False):
-            kwargs["inplace_backward"] = False
-        return orig(*args, **kwargs)
-
-    return logprobs_from_logits
+def _logprobs_from_logits(*args, **kwargs):
+    """verl's ``logprobs_from_logits``, where its engine calls it. verl's flash-attn
+    cross-entropy may write its gradient over the logits in its backward; TIKE's backward
+    reads those logits afterwards, so while they are shared it must not."""
+    from verl.utils import torch_functional
+    if getattr(_state, "logits_shared", False):
+        kwargs["inplace_backward"] = False
+    return torch_functional.logprobs_from_logits(*args, **kwargs)
 
 
 # ------------------------------------------------------------------ the worker side
@@ -460,7 +458,7 @@ def _patch_engine_workers(module) -> None:
 def _patch_fsdp_engine(module) -> None:
     cls = module.FSDPEngineWithLMHead
     cls.prepare_model_outputs = _wrap_prepare_model_outputs(cls.prepare_model_outputs)
-    module.logprobs_from_logits = _wrap_logprobs_from_logits(module.logprobs_from_logits)
+    module.logprobs_from_logits = _logprobs_from_logits
 
 
 def _wrap_init(cls, check) -> None:
