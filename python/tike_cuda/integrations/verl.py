@@ -70,8 +70,6 @@ STORED_KEYS = (SUPPORT_KEY,) + REF_KEYS
 
 _log = logging.getLogger(__name__)
 
-# verl 0.9's kl_penalty names (verl/trainer/ppo/core_algos.py); "+" = k2's gradient.
-_VERL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 _TIKE_RE = re.compile(r"^(tike|tike_bucket)(?::(\d+))?$")
 
 
@@ -93,22 +91,19 @@ class KlChoice:
 
 
 def parse_kl_loss_type(value) -> KlChoice:
-    """``tike`` / ``tike_bucket`` with an optional ``:k`` (``tike:32``), or a verl name
-    (``low_var_kl``, ``k3``, ``kl``, ``k1``, ``abs``, ``mse``, ``k2``, each optionally with
-    verl's ``+`` suffix). Anything else is a ValueError naming ``actor.kl_loss_type``."""
+    """``tike`` / ``tike_bucket`` with an optional ``:k`` (``tike:32``); a name starting with
+    "tike" otherwise is a ValueError naming ``actor.kl_loss_type``. Any other name is verl's
+    (``low_var_kl``/``k3``, ``kl``/``k1``, ``abs``, ``mse``/``k2``, with or without ``+``):
+    passed to verl's ``kl_penalty`` as it is, which judges it as verl does."""
     if not isinstance(value, str):
         raise TypeError(f"actor.kl_loss_type must be a string, got {type(value).__name__}")
-    m = _TIKE_RE.match(value)
-    if m:
-        k = int(m.group(2)) if m.group(2) else DEFAULT_K
-        if k < 1:
-            raise ValueError(f"actor.kl_loss_type={value!r}: k must be >= 1")
-        return KlChoice(estimator=m.group(1), k=k)
-    if value.rstrip("+") in _VERL_KINDS and value.count("+") <= 1:
+    if not value.startswith("tike"):
         return KlChoice(verl_kind=value)
-    raise ValueError(f"actor.kl_loss_type={value!r}: expected tike, tike_bucket (optionally "
-                     f"':k', e.g. tike:32) or one of verl's {', '.join(_VERL_KINDS)} "
-                     "(optionally with '+')")
+    m = _TIKE_RE.match(value)
+    if not m or (m.group(2) and int(m.group(2)) < 1):
+        raise ValueError(f"actor.kl_loss_type={value!r}: expected tike or tike_bucket, "
+                         "optionally with ':k' (k >= 1, e.g. tike:32)")
+    return KlChoice(estimator=m.group(1), k=int(m.group(2)) if m.group(2) else DEFAULT_K)
 
 
 def _get(cfg, path: str, default=None):
@@ -285,13 +280,13 @@ def _stored(data, key: str, stage: str, missing: str) -> torch.Tensor:
     return _flat(data[key])
 
 
-def _old_pass(logits, data, sampled, rows, lens, mask, k):
+def _old_pass(logits, rows, lens, mask, k):
     """The old policy's top-k ids, the support S of the sparse reference."""
     support = tike_cuda.topk_indices(logits, k, mask=mask)
     return {SUPPORT_KEY: _nested(support[rows], lens)}
 
 
-def _ref_pass(logits, data, sampled, rows, lens, mask, k):
+def _ref_pass(logits, data, sampled, rows, lens, mask):
     """The reference on S~ = support ∪ {o}: log q there and the tail's log-mass."""
     support = _stored(data, SUPPORT_KEY, "reference pass",
                       "the old-policy pass stored no top-k ids: bypass mode, or a trainer "
@@ -338,9 +333,11 @@ def _processor(stage, micro_batch, output_args, captured):
                                tu.get_non_tensor_data(data, _TAIL_KEY, "none"))
             captured.update(out)
             return out  # one value per row: verl packs it as it packs log_probs
-        fn = _old_pass if stage == "old" else _ref_pass
-        captured.update(fn(logits, data, sampled, rows, lens, mask,
-                           tu.get_non_tensor_data(data, _K_KEY, DEFAULT_K)))
+        if stage == "old":
+            captured.update(_old_pass(logits, rows, lens, mask,
+                                      tu.get_non_tensor_data(data, _K_KEY, DEFAULT_K)))
+        else:
+            captured.update(_ref_pass(logits, data, sampled, rows, lens, mask))
         return {}  # [k]-wide: packed per response token here, not per row by verl
 
     return process
