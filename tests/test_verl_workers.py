@@ -67,28 +67,26 @@ def workers(request, checkpoints):
     return make_worker(checkpoints[0], "actor", *flags), make_worker(checkpoints[1], "ref", *flags)
 
 
-def old_pass(actor, td):
-    """The v1 trainer's _compute_old_log_prob, its TransferQueue put replaced by fields."""
+def forward_pass(method, td, log_prob_key, calculate_entropy):
+    """A forward-only pass of the v1 trainer (_compute_old_log_prob / _compute_ref_log_prob):
+    the worker's outputs become fields of ``td``, as its TransferQueue put would make them."""
     data = td.clone()
-    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=True, compute_loss=False)
-    out = actor.compute_log_prob(data)
-    td["old_log_probs"] = response_from_nested(out["log_probs"], td["response_mask"])
+    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=calculate_entropy,
+                         compute_loss=False)
+    out = method(data)
+    td[log_prob_key] = response_from_nested(out["log_probs"], td["response_mask"])
     for key in out.keys():
         if key.startswith("tike_"):
             td[key] = out[key]
     return out
+
+
+def old_pass(actor, td):
+    return forward_pass(actor.compute_log_prob, td, "old_log_probs", calculate_entropy=True)
 
 
 def ref_pass(ref, td):
-    """The v1 trainer's _compute_ref_log_prob."""
-    data = td.clone()
-    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=False)
-    out = ref.compute_ref_log_prob(data)
-    td["ref_log_prob"] = response_from_nested(out["log_probs"], td["response_mask"])
-    for key in out.keys():
-        if key.startswith("tike_"):
-            td[key] = out[key]
-    return out
+    return forward_pass(ref.compute_ref_log_prob, td, "ref_log_prob", calculate_entropy=False)
 
 
 def update(actor, td, advantages):
