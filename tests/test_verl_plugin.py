@@ -111,3 +111,17 @@ def test_readme_config_lines_switch_verl_to_tike(model):
     config = H.compose(model, *overrides)  # valid overrides of verl's own config
     assert tike_verl.check_config(config.actor_rollout_ref) == KlChoice("tike", 16)
     assert config.actor_rollout_ref.actor.kl_loss_coef == 0.001
+
+
+def test_a_hook_that_cannot_land_refuses_tike_not_verl(model, monkeypatch):
+    """verl's internals moved (a renamed class, here a module without it): the import still
+    succeeds, verl still runs, and TIKE is refused at start with the reason."""
+    import types
+    monkeypatch.setattr(tike_verl, "_failed", {})
+    hook = tike_verl._patcher("verl.workers.engine.fsdp.transformer_impl", tike_verl._patch_fsdp_engine)
+    hook(types.ModuleType("transformer_impl_without_the_engine"))  # no FSDPEngineWithLMHead
+    assert not tike_verl.installed()
+    with pytest.raises(ValueError, match="could not hook verl.workers.engine.fsdp.transformer_impl"):
+        tike_verl.check_config(H.compose(model).actor_rollout_ref)
+    config = H.compose(model, "actor_rollout_ref.actor.kl_loss_type=low_var_kl")
+    assert tike_verl.check_config(config.actor_rollout_ref) is None

@@ -146,6 +146,7 @@ def check_config(actor_rollout_ref, *, distillation=None) -> Optional[KlChoice]:
                    "reads")
     if distillation is not None and _get(distillation, "enabled", False):
         why.append("distillation.enabled: the distillation loss replaces the actor loss")
+    why += [f"the plugin could not hook {name} ({err})" for name, err in _failed.items()]
     if why:
         raise ValueError(f"actor.kl_loss_type={_get(actor_rollout_ref, 'actor.kl_loss_type')!r} "
                          "(tike_cuda's verl adapter) cannot run this configuration:\n  - "
@@ -444,9 +445,10 @@ def _wrap_init_model(orig):
 # ------------------------------------------------------------------ installation
 
 def _patch_engine_workers(module) -> None:
-    module.ppo_loss = ppo_loss  # bound by ActorRolloutRefWorker.init_model
+    # init_model first: it holds the start-time checks, which also report failed hooks
     module.ActorRolloutRefWorker.init_model = _wrap_init_model(
         module.ActorRolloutRefWorker.init_model)
+    module.ppo_loss = ppo_loss  # bound by ActorRolloutRefWorker.init_model
     module.TrainingWorker.infer_batch = _wrap_infer_batch(module.TrainingWorker.infer_batch)
     module.TrainingWorker.train_mini_batch = _wrap_train_mini_batch(
         module.TrainingWorker.train_mini_batch)
@@ -482,12 +484,19 @@ _PATCHES = {
     "verl.trainer.ppo.ray_trainer": lambda m: _wrap_init(m.RayPPOTrainer, _refuse_legacy_trainer),
 }
 _installed = set()
+_failed = {}  # module -> why its hook could not be applied
 
 
 def _patcher(name, fn):
     def apply(module):
-        fn(module)
-        _installed.add(name)
+        try:
+            fn(module)
+        except Exception as e:  # verl's internals moved: verl still runs, TIKE is refused
+            _failed[name] = f"{type(e).__name__}: {e}"
+            _log.warning("tike_cuda's verl adapter could not hook %s (%s); "
+                         "actor.kl_loss_type=tike* will be refused", name, _failed[name])
+        else:
+            _installed.add(name)
     return apply
 
 
@@ -495,7 +504,7 @@ def installed() -> bool:
     """Whether every hook of this adapter that verl has imported so far is in place (a
     module not imported yet gets its hook at its import)."""
     import sys
-    return all(name in _installed for name in _PATCHES if name in sys.modules)
+    return not _failed and all(name in _installed for name in _PATCHES if name in sys.modules)
 
 
 def _supported_verl() -> bool:
