@@ -62,9 +62,13 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def workers(request, checkpoints):
-    flags = LAYOUTS[request.param]
-    return make_worker(checkpoints[0], "actor", *flags), make_worker(checkpoints[1], "ref", *flags)
+def layout(request):
+    return LAYOUTS[request.param]
+
+
+@pytest.fixture(scope="module")
+def workers(layout, checkpoints):
+    return make_worker(checkpoints[0], "actor", *layout), make_worker(checkpoints[1], "ref", *layout)
 
 
 def forward_pass(method, td, log_prob_key, calculate_entropy):
@@ -200,15 +204,14 @@ def expected_kl(samples, td, actor_logits, tail):
 
 
 @pytest.mark.parametrize("estimator", ["tike", "tike_bucket"])
-def test_kl_in_the_loss_is_tike_of_the_policy_logits(workers, passes, hf, estimator):
+def test_kl_in_the_loss_is_tike_of_the_policy_logits(workers, layout, checkpoints, passes, hf,
+                                                     estimator):
     actor, _ = workers
+    if estimator != "tike":  # the same policy, configured for the other estimator
+        actor = make_worker(checkpoints[0], "actor", *layout,
+                            f"actor_rollout_ref.actor.kl_loss_type={estimator}:{K}")
     samples, td, _, _ = passes
-    actor.actor._tike = tike_verl._Role("actor", tike_verl.parse_kl_loss_type(estimator))
-    try:
-        zero = nested_like([torch.zeros(len(s["responses"])) for s in samples])
-        metrics = update(actor, td, zero)
-    finally:
-        actor.actor._tike = tike_verl._Role("actor", tike_verl.KlChoice("tike", K))
+    metrics = update(actor, td, nested_like([torch.zeros(len(s["responses"])) for s in samples]))
     expected = expected_kl(samples, td, hf[0], "bucket" if estimator == "tike_bucket" else "none")
     assert expected > 1e-3  # the reference differs from the policy
     assert metrics["actor/kl_loss"] == pytest.approx(expected, rel=2e-5)
