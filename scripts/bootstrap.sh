@@ -9,6 +9,7 @@
 #   MAX_JOBS=N          parallel compile jobs                 (default: 2)
 #   TIKE_TRL=0          skip the [trl] extra (trl, transformers, datasets, peft)
 #   TIKE_VERL=0         skip .venv-verl, the environment of the [verl] extra (verl, ray, ...)
+#   TIKE_VERL_VENV=DIR  where that environment goes           (default: .venv-verl)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
