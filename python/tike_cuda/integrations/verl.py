@@ -244,29 +244,30 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.values() if t.is_nested else t.reshape(-1, *t.shape[2:])
 
 
-def _response_rows(data, n_rows: int):
+def _response_rows(data, n_rows: int, device):
     """Rows of the packed logits that predict response tokens, and the response lengths.
 
     Row t of a sequence predicts token t + 1 (the logits are read against the rolled ids),
     so a response of length R ending at packed offset e is predicted by rows
-    [e − R − 1, e − 1), the rows verl's ``no_padding_2_padding`` takes."""
-    ends = data["input_ids"].offsets()[1:]
+    [e − R − 1, e − 1), the rows verl's ``no_padding_2_padding`` takes. Worked out on the
+    host from the offsets (the one host sync per micro-batch); ``rows`` on ``device``."""
+    ends = data["input_ids"].offsets()[1:].cpu()
     responses = data["responses"]
-    lens = responses.offsets().diff() if responses.is_nested else \
+    lens = responses.offsets().diff().cpu() if responses.is_nested else \
         torch.full_like(ends, responses.shape[1])
     if int(ends[-1]) != n_rows:
         raise RuntimeError(f"{n_rows} rows of logits for {int(ends[-1])} tokens: a padded "
                            "layout (pad_to_length, sequence parallelism) is not supported")
     starts = torch.repeat_interleave(ends - lens - 1, lens)
-    within = torch.arange(int(lens.sum()), device=ends.device) - \
-        torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-    return starts + within, lens
+    within = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens,
+                                                                     lens)
+    return (starts + within).to(device), lens
 
 
 def _nested(values: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=values.device)
-    torch.cumsum(lens.to(values.device), 0, out=offsets[1:])
-    return torch.nested.nested_tensor_from_jagged(values, offsets)
+    offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64)
+    torch.cumsum(lens, 0, out=offsets[1:])
+    return torch.nested.nested_tensor_from_jagged(values, offsets.to(values.device))
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor, n_rows: int, fill) -> torch.Tensor:
@@ -326,7 +327,7 @@ def _processor(stage, micro_batch, output_args, captured):
     def process(student_logits, data):
         logits = student_logits.squeeze(0)  # [rows, V], already divided by the temperature
         sampled = output_args["input_ids_rmpad_rolled"].reshape(-1)
-        rows, lens = _response_rows(data, logits.shape[0])
+        rows, lens = _response_rows(data, logits.shape[0], logits.device)
         mask = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         mask[rows] = _flat(data["response_mask"]).to(device=logits.device, dtype=torch.bool)
         if stage == "update":
