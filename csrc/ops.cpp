@@ -43,6 +43,23 @@ TORCH_LIBRARY(tike_cuda, m) {
   m.def(
       "token_logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, "
       "Tensor tokens, Tensor lse, Tensor entropy, float temperature) -> Tensor");
+
+  // Fixed support (design.md §6): S~ chosen once (e.g. by the rollout policy), the
+  // reference stored sparsely on it, TIKE computed later against that store.
+  // The k largest logits of each row, best first (topk_kl's S): int32 [N, k]; −1 rows
+  // where masked.
+  m.def("topk_indices(Tensor logits, int k, Tensor? mask) -> Tensor");
+  // The reference on S~ = support ∪ {sampled token}: (idx[N,K1] int32, logprobs[N,K1],
+  // tail_logmass[N]), K1 = k (+1 with sampled tokens; that slot is −1 when o ∈ support).
+  m.def(
+      "sparse_reference(Tensor ref_logits, Tensor support, Tensor? sampled_tokens, "
+      "Tensor? mask, float temperature) -> (Tensor, Tensor, Tensor)");
+  // TIKE on the fixed S~ `idx` against the stored reference. Returns (out[N], lse[N],
+  // coef[N,K1], shift[N], stats[N,3]) as topk_kl; the backward is topk_kl_backward(idx).
+  m.def(
+      "topk_kl_sparse(Tensor logits, Tensor idx, Tensor ref_logprobs, "
+      "Tensor ref_tail_logmass, Tensor? sampled_tokens, Tensor? old_logprobs, Tensor? mask, "
+      "float temperature, bool tail_bucket) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef TIKE_HAVE_PYTHON_MODULE

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "kernels/full_kl_args.h"
+#include "kernels/sparse_args.h"
 #include "kernels/token_logprobs_args.h"
 #include "kernels/topk_kl_args.h"
 #include "ops_common.h"
@@ -301,6 +302,169 @@ inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(
   a.entropy = ptr_or_null<float>(c.entropy);
   a.temperature = float(temperature);
   a.grad = c.grad.data_ptr();
+  return c;
+}
+
+// ----------------------------------------------------------- topk_indices (fixed support)
+
+struct TopkIndicesCall {
+  at::Tensor logits, idx;
+  c10::optional<at::Tensor> mask;
+  TopkIndicesArgs args;
+};
+
+inline TopkIndicesCall prepare_topk_indices(const at::Tensor& logits_in, int64_t k,
+                                            const c10::optional<at::Tensor>& mask) {
+  check_logits(logits_in, "logits");
+  const int64_t V = logits_in.size(-1);
+  TORCH_CHECK(k >= 1 && k <= V, "tike_cuda: k must be in [1, V=", V, "], got ", k);
+  TopkIndicesCall c;
+  c.logits = rows_view(logits_in);
+  const int64_t N = num_rows(c.logits);
+  c.mask = per_row(mask, N, c.logits, at::kBool, "mask");
+  c.idx = at::empty({N, k}, c.logits.options().dtype(at::kInt));
+  TopkIndicesArgs& a = c.args;
+  a.logits = c.logits.data_ptr();
+  a.logits_layout = row_layout_of(c.logits);
+  a.dtype = dtype_of(c.logits);
+  a.N = N;
+  a.V = V;
+  a.k = k;
+  a.mask = ptr_or_null<bool>(c.mask);
+  a.idx = c.idx.data_ptr<int32_t>();
+  return c;
+}
+
+// Rows of S~ indices [N, K] as int32, and the same rows sorted ascending (the kernels walk
+// S~ in column order and check it: an index outside [0, V) or given twice makes the row
+// invalid). Values outside the int32 range are clamped to −1 / V first, which keeps them
+// invalid, so no conversion can turn a bad index into a valid one. No host sync.
+inline std::pair<at::Tensor, at::Tensor> support_rows(const at::Tensor& s, int64_t N,
+                                                      int64_t V) {
+  at::Tensor rows = s.reshape({N, s.size(-1)});
+  if (rows.scalar_type() != at::kInt) rows = rows.clamp(-1, V).to(at::kInt);
+  rows = rows.contiguous();
+  return {rows, std::get<0>(at::sort(rows, /*dim=*/1))};
+}
+
+// ------------------------------------------------------------------------ sparse_reference
+
+struct SparseReferenceCall {
+  at::Tensor ref, support, sorted, idx, logprobs, tail;
+  c10::optional<at::Tensor> tokens, mask;
+  SparseReferenceArgs args;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {idx, logprobs, tail}; }
+};
+
+inline SparseReferenceCall prepare_sparse_reference(const at::Tensor& ref_in,
+                                                    const at::Tensor& support,
+                                                    const c10::optional<at::Tensor>& sampled,
+                                                    const c10::optional<at::Tensor>& mask,
+                                                    double temperature) {
+  check_logits(ref_in, "ref_logits");
+  check_temperature(temperature);
+  const int64_t V = ref_in.size(-1);
+  SparseReferenceCall c;
+  c.ref = rows_view(ref_in);
+  const int64_t N = num_rows(c.ref);
+  TORCH_CHECK(support.dim() >= 1 && !at::isFloatingType(support.scalar_type()) &&
+                  support.scalar_type() != at::kBool,
+              "tike_cuda: support must be an integer tensor [..., k]");
+  const int64_t k = support.size(-1);
+  TORCH_CHECK(k >= 1 && k <= V, "tike_cuda: support must have k in [1, V=", V, "] columns, got ", k);
+  TORCH_CHECK(support.numel() == N * k, "tike_cuda: support must have one row of k per "
+              "ref_logits row (", N, " x ", k, "), got ", support.sizes());
+  TORCH_CHECK(support.device() == c.ref.device(), "tike_cuda: support must be on the ref_logits' device");
+  std::tie(c.support, c.sorted) = support_rows(support, N, V);
+  c.tokens = per_row(sampled, N, c.ref, at::kLong, "sampled_tokens");
+  c.mask = per_row(mask, N, c.ref, at::kBool, "mask");
+  const int64_t K1 = k + (c.tokens.has_value() ? 1 : 0);
+  c.idx = at::empty({N, K1}, c.ref.options().dtype(at::kInt));
+  c.logprobs = at::empty({N, K1}, f32_like(c.ref));
+  c.tail = at::empty({N}, f32_like(c.ref));
+  SparseReferenceArgs& a = c.args;
+  a.ref_logits = c.ref.data_ptr();
+  a.ref_layout = row_layout_of(c.ref);
+  a.dtype = dtype_of(c.ref);
+  a.N = N;
+  a.V = V;
+  a.k = k;
+  a.K1 = K1;
+  a.support = c.support.data_ptr<int32_t>();
+  a.sorted = c.sorted.data_ptr<int32_t>();
+  a.sampled_tokens = ptr_or_null<int64_t>(c.tokens);
+  a.mask = ptr_or_null<bool>(c.mask);
+  a.temperature = float(temperature);
+  a.idx = c.idx.data_ptr<int32_t>();
+  a.logprobs = c.logprobs.data_ptr<float>();
+  a.tail_logmass = c.tail.data_ptr<float>();
+  return c;
+}
+
+// -------------------------------------------------------------------------- topk_kl_sparse
+
+struct TopkKlSparseForwardCall {
+  at::Tensor logits, idx, sorted, ref_lp, ref_tail;
+  c10::optional<at::Tensor> tokens, old, mask;
+  at::Tensor out, lse, coef, shift, stats;
+  TopkKlSparseArgs args;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {out, lse, coef, shift, stats};
+  }
+};
+
+inline TopkKlSparseForwardCall prepare_topk_kl_sparse_forward(
+    const at::Tensor& logits_in, const at::Tensor& idx, const at::Tensor& ref_logprobs,
+    const at::Tensor& ref_tail_logmass, const c10::optional<at::Tensor>& sampled,
+    const c10::optional<at::Tensor>& old_lp, const c10::optional<at::Tensor>& mask,
+    double temperature, bool tail_bucket) {
+  check_logits(logits_in, "logits");
+  check_temperature(temperature);
+  TORCH_CHECK(!old_lp.has_value() || sampled.has_value(),
+              "tike_cuda: old_logprobs needs sampled_tokens");
+  TopkKlSparseForwardCall c;
+  c.logits = rows_view(logits_in);
+  const int64_t N = num_rows(c.logits), V = c.logits.size(-1);
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == N && idx.size(1) >= 1 &&
+                  idx.scalar_type() == at::kInt && idx.device() == c.logits.device(),
+              "tike_cuda: idx must be int32 [N=", N, ", K1 >= 1] on the logits' device");
+  TORCH_CHECK(ref_logprobs.sizes() == idx.sizes() && ref_logprobs.scalar_type() == at::kFloat &&
+                  ref_logprobs.device() == c.logits.device(),
+              "tike_cuda: ref_logprobs must be float32 of idx's shape on the logits' device");
+  const int64_t K1 = idx.size(1);
+  std::tie(c.idx, c.sorted) = support_rows(idx, N, V);
+  c.ref_lp = ref_logprobs.contiguous();
+  c.ref_tail = *per_row(ref_tail_logmass, N, c.logits, at::kFloat, "ref_tail_logmass");
+  c.tokens = per_row(sampled, N, c.logits, at::kLong, "sampled_tokens");
+  c.old = per_row(old_lp, N, c.logits, at::kFloat, "old_logprobs");
+  c.mask = per_row(mask, N, c.logits, at::kBool, "mask");
+  const auto f32 = f32_like(c.logits);
+  c.out = at::empty({N}, f32);
+  c.lse = at::empty({N}, f32);
+  c.shift = at::empty({N}, f32);
+  c.coef = at::empty({N, K1}, f32);
+  c.stats = at::empty({N, 3}, f32);
+  TopkKlSparseArgs& a = c.args;
+  a.logits = c.logits.data_ptr();
+  a.logits_layout = row_layout_of(c.logits);
+  a.dtype = dtype_of(c.logits);
+  a.N = N;
+  a.V = V;
+  a.K1 = K1;
+  a.idx = c.idx.data_ptr<int32_t>();
+  a.sorted = c.sorted.data_ptr<int32_t>();
+  a.ref_logprobs = c.ref_lp.data_ptr<float>();
+  a.ref_tail_logmass = c.ref_tail.data_ptr<float>();
+  a.sampled_tokens = ptr_or_null<int64_t>(c.tokens);
+  a.old_logprobs = ptr_or_null<float>(c.old);
+  a.mask = ptr_or_null<bool>(c.mask);
+  a.temperature = float(temperature);
+  a.tail_bucket = tail_bucket;
+  a.out = c.out.data_ptr<float>();
+  a.lse = c.lse.data_ptr<float>();
+  a.coef = c.coef.data_ptr<float>();
+  a.shift = c.shift.data_ptr<float>();
+  a.stats = c.stats.data_ptr<float>();
   return c;
 }
 

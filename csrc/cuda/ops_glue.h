@@ -20,7 +20,9 @@
 #include <limits>
 
 #include "../kernels/full_kl.cuh"
+#include "../kernels/sparse.cuh"
 #include "../kernels/token_logprobs.cuh"
+#include "../kernels/topk_indices.cuh"
 #include "../kernels/topk_kl.cuh"
 #include "../ops_prepare.h"
 
@@ -168,6 +170,49 @@ struct Ops {
     return c.grad;
   }
 
+  // ---------------------------------------------------------------- fixed support
+
+  static Tensor topk_indices(const Tensor& logits, int64_t k, const OptTensor& mask) {
+    D::check_logits(logits);
+    check_v(logits);
+    const typename D::Guard guard(logits.device());
+    const auto c = prepare_topk_indices(logits, k, mask);
+    if (c.args.N == 0) return c.idx;
+    if (k > cuda::kTopkSelectMaxK) {  // as topk_kl: a stable sort of each row
+      preselect_topk(c.logits, c.args.logits_layout, c.args.N, c.args.V, k, c.idx);
+      if (c.mask.has_value()) c.idx.masked_fill_(c.mask->logical_not().unsqueeze(1), -1);
+      return c.idx;
+    }
+    D::check(cuda::topk_indices(c.args, D::stream()));
+    return c.idx;
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> sparse_reference(const Tensor& ref_logits,
+                                                             const Tensor& support,
+                                                             const OptTensor& sampled,
+                                                             const OptTensor& mask,
+                                                             double temperature) {
+    D::check_logits(ref_logits);
+    check_v(ref_logits);
+    const typename D::Guard guard(ref_logits.device());
+    const auto c = prepare_sparse_reference(ref_logits, support, sampled, mask, temperature);
+    if (c.args.N > 0) D::check(cuda::sparse_reference(c.args, D::stream()));
+    return c.outputs();
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_kl_sparse(
+      const Tensor& logits, const Tensor& idx, const Tensor& ref_logprobs,
+      const Tensor& ref_tail_logmass, const OptTensor& sampled, const OptTensor& old_lp,
+      const OptTensor& mask, double temperature, bool tail_bucket) {
+    D::check_logits(logits);
+    check_v(logits);
+    const typename D::Guard guard(logits.device());
+    const auto c = prepare_topk_kl_sparse_forward(logits, idx, ref_logprobs, ref_tail_logmass,
+                                                  sampled, old_lp, mask, temperature, tail_bucket);
+    if (c.args.N > 0) D::check(cuda::topk_kl_sparse_forward(c.args, D::stream()));
+    return c.outputs();
+  }
+
   // Every op of the tike_cuda schemas, for one TORCH_LIBRARY_IMPL block.
   static void register_all(torch::Library& m) {
     m.impl("topk_kl", &topk_kl);
@@ -177,6 +222,9 @@ struct Ops {
     m.impl("full_kl_backward", &full_kl_backward);
     m.impl("token_logprobs", &token_logprobs);
     m.impl("token_logprobs_backward", &token_logprobs_backward);
+    m.impl("topk_indices", &topk_indices);
+    m.impl("sparse_reference", &sparse_reference);
+    m.impl("topk_kl_sparse", &topk_kl_sparse);
   }
 };
 

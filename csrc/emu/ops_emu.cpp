@@ -22,6 +22,9 @@ namespace tike::cuda::topk_detail {
 TIKE_EMU_DYNAMIC_SMEM(unsigned char, smem_raw)
 TIKE_EMU_DYNAMIC_SMEM(float, patch_smem)
 }  // namespace tike::cuda::topk_detail
+namespace tike::cuda::topk_indices_detail {
+TIKE_EMU_DYNAMIC_SMEM(unsigned char, smem_raw)
+}  // namespace tike::cuda::topk_indices_detail
 
 namespace tike {
 namespace {

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "row_layout.h"
 
@@ -405,11 +406,23 @@ __device__ __forceinline__ bool block_any(bool v, float* scratch) {
 
 // ---------------------------------------------------------------- streaming a segment
 
+// f(z, zr), or f(z, zr, j) when f takes the column j of z[0] as well.
+template <int N, typename F>
+__device__ __forceinline__ void call_visit(F& f, const float (&z)[N], const float (&zr)[N], int j) {
+  if constexpr (std::is_invocable_v<F&, const float (&)[N], const float (&)[N], int>) {
+    f(z, zr, j);
+  } else {
+    f(z, zr);
+  }
+}
+
 // Visits the columns [b, e) of row zrow (and the same columns of qrow when TWO) with all
 // kThreads threads: f(z, zr) gets N = Vec<T>::N consecutive columns per call, as 16-byte
 // loads where the rows allow (qrow may be aligned differently: then it is read element by
 // element). Columns outside the aligned body come one per call, padded with −inf. U
 // vectors per thread are loaded before any is used, to keep enough bytes in flight.
+// f(z, zr, j) also gets j, the column of z[0]: a thread's body calls come in increasing
+// j, its call outside the body (if any) last.
 template <typename T, bool TWO, int U, typename F>
 __device__ __forceinline__ void stream_segment(const T* zrow, const T* qrow, int b, int e,
                                                F&& f) {
@@ -430,7 +443,8 @@ __device__ __forceinline__ void stream_segment(const T* zrow, const T* qrow, int
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (c0 + u * kThreads < span.nvec) f(z[u], zr[u]);
+      const int ci = c0 + u * kThreads;
+      if (ci < span.nvec) call_visit(f, z[u], zr[u], span.body_b + ci * N);
     }
   }
   const int nx = span.num_extra(N);
@@ -441,7 +455,7 @@ __device__ __forceinline__ void stream_segment(const T* zrow, const T* qrow, int
     for (int i = 0; i < N; ++i) z[i] = zr[i] = -kInf;
     z[0] = load1(zrow + j);
     if (TWO) zr[0] = load1(qrow + j);
-    f(z, zr);
+    call_visit(f, z, zr, j);
   }
 }
 

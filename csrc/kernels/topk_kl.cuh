@@ -23,9 +23,6 @@
 
 namespace tike::cuda {
 
-// Largest k of the in-register/shared-memory selection; above it S comes from the caller.
-constexpr int64_t kTopkSelectMaxK = 256;
-
 struct TopkKlForwardPlan {
   int splits = 1, seg = 0;  // CTAs per row and columns per CTA
   int kp = 1, cap = 64;     // next_pow2(k); warp buffer entries
@@ -249,47 +246,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3) fwd_kernel(c
   }
 
   // ---- the streaming pass
-  constexpr int N = Vec<T>::N, U = 16 / N;  // 16 elements of z and of zr per lane per step
-  const Span span = make_span(zrow, b, e);
-  const bool qal = is_aligned16(qrow + span.body_b);
-  for (int base = warp * 32 * U; base < span.nvec; base += kWarps * 32 * U) {
-    float z[U * N], zr[U * N];
-    int jb[U];
-    uint32_t vm = 0;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int ci = base + u * 32 + lane;
-      float tz[N], tq[N];
-      if (ci < span.nvec) {
-        jb[u] = span.body_b + ci * N;
-        load_vec(zrow + jb[u], tz);
-        load_vec_any(qrow + jb[u], qal, tq);
-        vm |= ((1u << N) - 1u) << (u * N);
-      } else {
-        jb[u] = -(1 << 30);
-#pragma unroll
-        for (int i = 0; i < N; ++i) tz[i] = tq[i] = -kInf;
-      }
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        z[u * N + i] = tz[i];
-        zr[u * N + i] = tq[i];
-      }
-    }
-    st.process<U, N>(z, zr, jb, vm, lane);
-  }
-  const int nx = span.num_extra(N);  // < 2N <= 16 columns outside the aligned body
-  if (nx > 0 && warp == kWarps - 1) {
-    const int j = lane < nx ? span.extra(lane, N) : -1;
-    float z1[1] = {-kInf}, q1[1] = {-kInf};
-    int jb1[1] = {-(1 << 30)};
-    if (j >= 0) {
-      z1[0] = load1(zrow + j);
-      q1[0] = load1(qrow + j);
-      jb1[0] = j;
-    }
-    st.process<1, 1>(z1, q1, jb1, j >= 0 ? 1u : 0u, lane);
-  }
+  stream_topk<T, true>(st, zrow, qrow, b, e, lane, warp);
   st.finish(lane);
   __syncthreads();
 

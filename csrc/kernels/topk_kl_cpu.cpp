@@ -11,55 +11,10 @@
 #include <vector>
 
 #include "cpu_simd.h"
+#include "topk_select_cpu.h"
 
 namespace tike::cpu {
 namespace {
-
-constexpr int kBlock = 64;  // top-k skips whole blocks whose max cannot enter the queue
-
-struct Cand {
-  float v;
-  int32_t i;
-};
-// a ranks below b: lower value, or the same value at a higher index (lower index wins).
-inline bool ranks_below(const Cand& a, const Cand& b) {
-  return a.v < b.v || (a.v == b.v && a.i > b.i);
-}
-
-// The k best candidates seen so far, as a min-heap whose root is the worst one kept.
-// Rows are scanned in increasing index order, so a newcomer equal to the root ranks
-// below it and is rejected by the strict compare: ties go to the lower index.
-class TopK {
- public:
-  explicit TopK(int64_t k) : k_(size_t(k)) { heap_.reserve(k_); }
-  void clear() { heap_.clear(); }
-  bool full() const { return heap_.size() == k_; }
-  float threshold() const { return heap_[0].v; }
-
-  void offer(float v, int32_t i) {
-    if (!full()) {
-      heap_.push_back({v, i});
-      std::push_heap(heap_.begin(), heap_.end(), cmp);
-    } else if (v > heap_[0].v) {
-      std::pop_heap(heap_.begin(), heap_.end(), cmp);
-      heap_.back() = {v, i};
-      std::push_heap(heap_.begin(), heap_.end(), cmp);
-    }
-  }
-  // Writes the indices best first (value desc, index asc).
-  void write_sorted(int32_t* out) {
-    std::sort(heap_.begin(), heap_.end(), [](const Cand& a, const Cand& b) {
-      return ranks_below(b, a);
-    });
-    for (size_t s = 0; s < heap_.size(); ++s) out[s] = heap_[s].i;
-  }
-
- private:
-  // std heap functions keep the "largest" at the root; make it the worst-ranked.
-  static bool cmp(const Cand& a, const Cand& b) { return ranks_below(b, a); }
-  size_t k_;
-  std::vector<Cand> heap_;
-};
 
 struct Scratch {
   std::vector<float> zbuf, qbuf;
@@ -89,32 +44,10 @@ TIKE_INLINE float scan_policy_row(const void* zrow, DType dt, int64_t V, float s
     const int npad = (n + kLanes - 1) / kLanes * kLanes;
     const float* x = tile_src(zrow, dt, j0, n, buf);
     // Block maxima give both the tile max and the blocks the top-k must look at.
-    vf tmax = splat(-kInf);
-    vi bad = vi{};
-    const int nblocks = (npad + kBlock - 1) / kBlock;
-    for (int b = 0; b < nblocks; ++b) {
-      vf m = splat(-kInf);
-      for (int i = b * kBlock; i < std::min(npad, (b + 1) * kBlock); i += kLanes) {
-        const vf v = load(x + i);
-        m = vmax(m, v);
-        bad |= (v != v);
-      }
-      bmax[b] = hmax(m);
-      tmax = vmax(tmax, m);
-    }
-    for (int i = 0; i < kLanes; ++i) lse.nan |= bad[i] != 0;
-    const float tm = hmax(tmax);
+    const float tm = block_maxima(x, npad, bmax, lse.nan);
     lse.raise_max(tm, s);
     if (lse.M > -kInf) lse.S += tile_sumexp(x, npad, lse.M, s);
-
-    for (int b = 0; b < nblocks; ++b) {
-      if (topk.full() && !(bmax[b] > topk.threshold())) continue;
-      const int end = std::min(n, (b + 1) * kBlock);
-      for (int i = b * kBlock; i < end; ++i) {
-        const float v = x[i];
-        topk.offer(v == v ? v : -kInf, int32_t(j0 + i));  // NaN ranks as −inf
-      }
-    }
+    offer_blocks(topk, x, n, j0, bmax);
   }
   return lse.lse(s);
 }

@@ -21,10 +21,14 @@
 // head's own terms are added at the end, so Σ_{v∉S~} p_v is a sum of positive terms, never
 // 1 − Σ_{S~} p_v (no cancellation when the tail is tiny). The reference row's terms follow
 // the same partition. The sampled token `excl` (when it joins S~) is kept out of both.
+// Without the tails (kTails = false: topk_indices) the selection alone remains.
 #pragma once
 #include "common.cuh"
 
 namespace tike::cuda {
+
+// Largest k of the in-register/shared-memory selection; above it S comes from the caller.
+constexpr int64_t kTopkSelectMaxK = 256;
 
 __device__ __forceinline__ uint32_t order_bits(float z) {
   uint32_t u = __float_as_uint(z);
@@ -108,9 +112,10 @@ __device__ __forceinline__ void block_merge_groups(uint64_t* key, float* val, in
 }
 
 // One warp's share of the streaming pass of topk_kl: the candidate buffer (warp-uniform
-// state) and this lane's tail sums. With `fixed`, S is known beforehand (its k-th key is
-// the threshold) and members are skipped instead of buffered.
-struct TopkStream {
+// state) and this lane's tail sums (kTails). With `fixed`, S is known beforehand (its
+// k-th key is the threshold) and members are skipped instead of buffered.
+template <bool kTails>
+struct TopkStreamT {
   uint64_t* key = nullptr;  // this warp's buffer (cap entries)
   float* val = nullptr;     // the reference logit of each buffered element
   int cap = 0, k = 0, count = 0;
@@ -131,9 +136,11 @@ struct TopkStream {
 
   // An element leaves (or never enters) the candidates: its terms go to the tails.
   __device__ __forceinline__ void to_tail(float z, float zr, int j) {
-    if (j == excl) return;
-    sp += tail_term(z);
-    q.add1(zr, c);
+    if constexpr (kTails) {
+      if (j == excl) return;
+      sp += tail_term(z);
+      q.add1(zr, c);
+    }
   }
 
   // Sort the buffer, keep the best k, raise the threshold, evict the rest to the tails.
@@ -145,7 +152,7 @@ struct TopkStream {
     if (count >= k) {
       const uint64_t nk = key[k - 1];
       const float nv = key_value(nk), noff = __fmul_rn(nv, c);
-      if (sp != 0.f) sp *= ex2(off - noff);  // the reference only rises
+      if (kTails && sp != 0.f) sp *= ex2(off - noff);  // the reference only rises
       thr_key = nk;
       thr_val = nv;
       off = noff;
@@ -191,16 +198,18 @@ struct TopkStream {
       }
     }
     // Common case: nothing here can enter the top-k.
-    float t = 0.f;
-    if (off > -kInf) {
+    if constexpr (kTails) {
+      float t = 0.f;
+      if (off > -kInf) {
 #pragma unroll
-      for (int i = 0; i < NE; ++i) t += ex2(scaled_minus(z[i], c, off));
-    } else {  // below a −inf threshold: −inf terms (0) or NaN
+        for (int i = 0; i < NE; ++i) t += ex2(scaled_minus(z[i], c, off));
+      } else {  // below a −inf threshold: −inf terms (0) or NaN
 #pragma unroll
-      for (int i = 0; i < NE; ++i) t += tail_term(z[i]);
+        for (int i = 0; i < NE; ++i) t += tail_term(z[i]);
+      }
+      sp += t;
+      q.add(zr, c);
     }
-    sp += t;
-    q.add(zr, c);
   }
 
   template <int U, int E>
@@ -218,15 +227,17 @@ struct TopkStream {
       }
     }
     // Elements that cannot enter go straight to the tails (the threshold only rises).
-    float t = 0.f, zq[NE];
+    if constexpr (kTails) {
+      float t = 0.f, zq[NE];
 #pragma unroll
-    for (int e = 0; e < NE; ++e) {
-      const bool p = (pend >> e) & 1u;
-      t += p ? 0.f : tail_term(z[e]);
-      zq[e] = p ? -kInf : zr[e];
+      for (int e = 0; e < NE; ++e) {
+        const bool p = (pend >> e) & 1u;
+        t += p ? 0.f : tail_term(z[e]);
+        zq[e] = p ? -kInf : zr[e];
+      }
+      sp += t;
+      q.add(zq, c);
     }
-    sp += t;
-    q.add(zq, c);
     // The rest in rounds, one pending element per lane per round (usually one round):
     // full key compare, then ballot-compaction into the buffer. The element is picked
     // from registers by unrolled selects; a run-time array index would go to local memory.
@@ -267,5 +278,57 @@ struct TopkStream {
     if (!fixed) merge(lane);
   }
 };
+using TopkStream = TopkStreamT<true>;
+
+// Streams the columns [b, e) of zrow through st, 16 elements per lane per step (16-byte
+// vectors), warp w taking every kWarps-th group of 32·U vectors; with TWO, the same
+// columns of qrow travel along as the candidates' values (else z does). The < 2N columns
+// outside the aligned body go to the last warp, one per lane. Call st.finish() after.
+template <typename T, bool TWO, typename Stream>
+__device__ __forceinline__ void stream_topk(Stream& st, const T* zrow, const T* qrow, int b,
+                                            int e, int lane, int warp) {
+  constexpr int N = Vec<T>::N, U = 16 / N;
+  const Span span = make_span(zrow, b, e);
+  const bool qal = TWO ? is_aligned16(qrow + span.body_b) : true;
+  for (int base = warp * 32 * U; base < span.nvec; base += kWarps * 32 * U) {
+    float z[U * N], zr[U * N];
+    int jb[U];
+    uint32_t vm = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int ci = base + u * 32 + lane;
+      float tz[N], tq[N];
+      if (ci < span.nvec) {
+        jb[u] = span.body_b + ci * N;
+        load_vec(zrow + jb[u], tz);
+        if (TWO) load_vec_any(qrow + jb[u], qal, tq);
+        vm |= ((1u << N) - 1u) << (u * N);
+      } else {
+        jb[u] = -(1 << 30);
+#pragma unroll
+        for (int i = 0; i < N; ++i) tz[i] = tq[i] = -kInf;
+      }
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        z[u * N + i] = tz[i];
+        zr[u * N + i] = TWO ? tq[i] : tz[i];
+      }
+    }
+    st.template process<U, N>(z, zr, jb, vm, lane);
+  }
+  const int nx = span.num_extra(N);  // < 2N <= 16 columns outside the aligned body
+  if (nx > 0 && warp == kWarps - 1) {
+    const int j = lane < nx ? span.extra(lane, N) : -1;
+    float z1[1] = {-kInf}, q1[1] = {-kInf};
+    int jb1[1] = {-(1 << 30)};
+    if (j >= 0) {
+      z1[0] = load1(zrow + j);
+      q1[0] = TWO ? load1(qrow + j) : z1[0];
+      jb1[0] = j;
+    }
+    st.template process<1, 1>(z1, q1, jb1, j >= 0 ? 1u : 0u, lane);
+  }
+}
+
 
 }  // namespace tike::cuda

@@ -15,13 +15,14 @@ from . import grpo
 from .estimators import kl_penalty, per_token_kl
 from .full_kl import full_kl
 from .reference import TopkStats
+from .sparse import SparseReference, sparse_reference, topk_indices
 from .token_logprobs import token_logprobs
 from .topk_kl import topk_kl
 from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss
 
 __version__ = "0.1.0"
 __all__ = ["topk_kl", "full_kl", "token_logprobs", "kl_penalty", "per_token_kl", "TopkStats",
-           "grpo", "built_with_cuda"]
+           "grpo", "built_with_cuda", "topk_indices", "sparse_reference", "SparseReference"]
 
 
 def built_with_cuda() -> bool:

@@ -2,6 +2,7 @@
 
     python -m tike_cuda bench --preset cpu --out bench_out
     python -m tike_cuda bench --preset gpu --ops topk_kl --providers tike_cuda,compile
+    python -m tike_cuda bench --preset sparse-gpu     # the fixed-support (sparse) mode
 
 Each case (op, mode, N, V, k, dtype) is timed per provider: ``--warmup`` untimed calls,
 then ``--repeats`` timed ones, reported as median (p50), p20 and p80. Inputs are made
@@ -16,6 +17,13 @@ grad); full_kl 2 and 5 (its backward re-reads zr); token_logprobs 1 and 3. GBps 
 those bytes over p50; floor_frac is (bytes / copy bandwidth) / p50, where the copy
 bandwidth (read + write bytes per second of a large ``copy_``, median) is measured in
 the same run: 1.0 would be copy speed.
+
+Sparse mode (ops topk_kl_sparse, sparse_reference, topk_indices; presets sparse-cpu and
+sparse-gpu, which also run the dense topk_kl beside them): the update-time pass
+topk_kl_sparse is topk_kl with a SparseReference (built once, outside the timing) — 1
+pass over the policy logits forward, 3 forward+backward, plus the store's N·(k+1)·8 + N·4
+bytes; sparse_reference and topk_indices are the rollout-time calls (1 pass each, plus
+what they write). A summary table sets the update pass against dense topk_kl.
 
 peak_extra_MiB is measured on one extra, untimed call. CUDA: torch.cuda.max_memory_allocated
 minus the allocation before the call (outputs and gradients included). CPU: growth of
@@ -41,11 +49,17 @@ from .measure import Timer, peak_extra_mib, percentile, proc_status_kib
 from .report import progress
 
 OPS = ("topk_kl", "full_kl", "token_logprobs")
+SPARSE_OPS = ("topk_kl_sparse", "sparse_reference", "topk_indices")
+ALL_OPS = OPS + SPARSE_OPS
+K_OPS = ("topk_kl",) + SPARSE_OPS  # ops with a k
+FWD_ONLY = ("sparse_reference", "topk_indices")  # no gradient to time
 MODES = ("fwd", "fwdbwd")
 PROVIDERS = ("tike_cuda", "eager", "compile", "liger")
 PASSES = {("topk_kl", "fwd"): 2, ("topk_kl", "fwdbwd"): 4,
           ("full_kl", "fwd"): 2, ("full_kl", "fwdbwd"): 5,
-          ("token_logprobs", "fwd"): 1, ("token_logprobs", "fwdbwd"): 3}
+          ("token_logprobs", "fwd"): 1, ("token_logprobs", "fwdbwd"): 3,
+          ("topk_kl_sparse", "fwd"): 1, ("topk_kl_sparse", "fwdbwd"): 3,
+          ("sparse_reference", "fwd"): 1, ("topk_indices", "fwd"): 1}
 COLUMNS = ["op", "provider", "mode", "N", "V", "k", "dtype", "device", "p50_ms", "p20_ms",
            "p80_ms", "GBps", "floor_frac", "peak_extra_MiB", "date", "torch", "cuda", "gpu",
            "copy_GBps", "host"]
@@ -73,7 +87,13 @@ class Case:
 
     def nbytes(self) -> int:
         elt = torch.empty((), dtype=self.torch_dtype).element_size()
-        return PASSES[(self.op, self.mode)] * self.N * self.V * elt
+        return PASSES[(self.op, self.mode)] * self.N * self.V * elt + self.store_bytes()
+
+    def store_bytes(self) -> int:
+        """Bytes of the sparse store read or written (k + 1 slots: with the sampled token)."""
+        if self.op in ("topk_kl_sparse", "sparse_reference"):
+            return self.N * (self.k + 1) * 8 + self.N * 4
+        return self.N * self.k * 4 if self.op == "topk_indices" else 0
 
 
 # A grid is (ops, Ns, Vs, ks, dtypes); a preset is grids plus run settings.
@@ -85,6 +105,11 @@ PRESETS = {
     "gpu": dict(device="cuda", providers=list(PROVIDERS), repeats=20, warmup=3,
                 grids=[(["topk_kl"], [16384], [151936], K_SWEEP, ["bf16"]),
                        (OPS, [1024, 4096, 16384, 65536], [32000, 128256, 151936], [16], ["bf16"])]),
+    "sparse-cpu": dict(device="cpu", providers=["tike_cuda", "eager"], repeats=5, warmup=1,
+                       grids=[(("topk_kl",) + SPARSE_OPS, [256], [151936], [16, 64], ["fp32"])]),
+    "sparse-gpu": dict(device="cuda", providers=["tike_cuda", "eager", "compile"], repeats=20,
+                       warmup=3, grids=[(("topk_kl",) + SPARSE_OPS, [16384], [151936], [16, 64],
+                                         ["bf16"])]),
 }
 
 
@@ -96,7 +121,9 @@ def make_cases(grids, modes) -> List[Case]:
                 for V in Vs:
                     for op in ops:
                         for mode in modes:
-                            for k in (ks if op == "topk_kl" else [0]):
+                            if mode != "fwd" and op in FWD_ONLY:
+                                continue
+                            for k in (ks if op in K_OPS else [0]):
                                 c = Case(op, mode, N, V, k, dtype)
                                 if k <= V and c not in seen:
                                     seen.add(c)
@@ -184,10 +211,44 @@ def _liger_fn(case: Case, device: torch.device):
     raise Skip("liger: no Liger kernel computes a top-k KL")
 
 
+def _compiled(name: str) -> Callable:
+    if name not in _COMPILED:
+        _compiled_fns()
+        _COMPILED[name] = torch.compile(getattr(eager, name), dynamic=COMPILE_DYNAMIC)
+    return _COMPILED[name]
+
+
+def _sparse_fwd(provider: str, case: Case, inp: Inputs) -> Callable:
+    """fwd(z, zr, inp) of a sparse-mode op. The rollout's support and the stored reference
+    are made here, once, outside the timed calls."""
+    import tike_cuda
+    k = case.k
+    if provider not in ("tike_cuda", "eager", "compile"):
+        raise Skip(f"{provider}: no {case.op}")
+    fns = {"tike_cuda": lambda name: getattr(tike_cuda, name), "eager": lambda name: getattr(eager, name),
+           "compile": _compiled}[provider]
+    if case.op == "topk_indices":
+        f = fns("topk_indices")
+        return lambda z, zr, i: f(z, k)
+    support = tike_cuda.topk_indices(inp.z, k)
+    if case.op == "sparse_reference":
+        f = fns("sparse_reference")
+        return lambda z, zr, i: f(zr, support, sampled_tokens=i.tokens)
+    sref = tike_cuda.sparse_reference(inp.zr, support, sampled_tokens=inp.tokens)
+    if provider == "tike_cuda":
+        return lambda z, zr, i: tike_cuda.topk_kl(z, sref, sampled_tokens=i.tokens,
+                                                  old_logprobs=i.old_lp)
+    f = fns("topk_kl_sparse")
+    return lambda z, zr, i: f(z, sref.idx, sref.logprobs, sampled_tokens=i.tokens,
+                              old_logprobs=i.old_lp)
+
+
 def build_call(provider: str, case: Case, inp: Inputs, device: torch.device) -> Callable:
     """A no-argument callable running one forward (and backward) of `case`."""
     k = case.k
-    if provider in ("tike_cuda", "eager", "compile"):
+    if case.op in SPARSE_OPS:
+        fwd = _sparse_fwd(provider, case, inp)
+    elif provider in ("tike_cuda", "eager", "compile"):
         fns = {"tike_cuda": _tike_fns, "eager": lambda: {o: getattr(eager, o) for o in OPS},
                "compile": _compiled_fns}[provider]()
         f = fns[case.op]
@@ -326,6 +387,27 @@ def markdown_table(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
+def sparse_summary(rows: List[dict]) -> str:
+    """The update-time pass on the stored reference against dense topk_kl (tike_cuda both):
+    time, bytes moved, and the store's size per token."""
+    dense = {(r["mode"], r["N"], r["V"], r["k"], r["dtype"]): r for r in rows
+             if r["op"] == "topk_kl" and r["provider"] == "tike_cuda"}
+    out = ["| mode | N | V | k | dtype | dense ms | sparse ms | time ratio | dense MB "
+           "| sparse MB | store B/token |", "|" + "---|" * 11]
+    for r in rows:
+        key = (r["mode"], r["N"], r["V"], r["k"], r["dtype"])
+        if r["op"] != "topk_kl_sparse" or r["provider"] != "tike_cuda" or key not in dense:
+            continue
+        d = dense[key]
+        sparse_case = Case("topk_kl_sparse", *key)
+        dense_case = Case("topk_kl", *key)
+        out.append(f"| {r['mode']} | {r['N']} | {r['V']} | {r['k']} | {r['dtype']} "
+                   f"| {d['p50_ms']:.2f} | {r['p50_ms']:.2f} | {r['p50_ms'] / d['p50_ms']:.2f} "
+                   f"| {dense_case.nbytes() / 1e6:.0f} | {sparse_case.nbytes() / 1e6:.0f} "
+                   f"| {sparse_case.store_bytes() // r['N']} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def _csv_list(s: Optional[str], cast=str) -> Optional[list]:
     return None if s is None else [cast(x) for x in s.split(",") if x.strip()]
 
@@ -336,7 +418,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="shape set and settings (default: gpu when CUDA is available, else cpu)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the preset's")
-    p.add_argument("--ops", help=f"comma list of {','.join(OPS)}")
+    p.add_argument("--ops", help=f"comma list of {','.join(ALL_OPS)}")
     p.add_argument("--providers", help=f"comma list of {','.join(PROVIDERS)}")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd,fwdbwd")
     p.add_argument("--N", help="rows, comma list (replaces the preset's shapes)")
@@ -368,9 +450,11 @@ def main(argv=None) -> int:
     COMPILE_DYNAMIC = not a.compile_static
     _COMPILED.clear()
     ops = _csv_list(a.ops) or list(OPS)
+    if a.ops is None and a.preset is not None and a.preset.startswith("sparse"):
+        ops = ["topk_kl", *SPARSE_OPS]  # the dense op beside the sparse ones
     modes = _csv_list(a.modes)
     providers = _csv_list(a.providers) or preset["providers"]
-    for name, given, allowed in (("op", ops, OPS), ("mode", modes, MODES),
+    for name, given, allowed in (("op", ops, ALL_OPS), ("mode", modes, MODES),
                                  ("provider", providers, PROVIDERS)):
         bad = [x for x in given if x not in allowed]
         if bad:
@@ -395,6 +479,10 @@ def main(argv=None) -> int:
     write_csv(rows, out / "results.csv")
     (out / "notes.txt").write_text("\n".join(notes) + ("\n" if notes else ""))
     print(markdown_table(rows))
+    summary = sparse_summary(rows)
+    if summary:
+        print("\nUpdate-time pass on the stored reference vs dense topk_kl (tike_cuda):")
+        print(summary)
     if rows:
         print(f"\ncopy bandwidth {rows[0]['copy_GBps']:.1f} GB/s; {rows[0]['host']}; "
               f"torch {rows[0]['torch']}")

@@ -60,3 +60,39 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         return logp
     entropy = -(log_p.exp() * log_p).sum(-1, dtype=torch.float32)
     return logp, entropy
+
+
+# ------------------------------------------------------------------ fixed support (sparse)
+
+def topk_indices(logits: Tensor, k: int) -> Tensor:
+    """torch.topk's indices (its own tie order), int32 like tike_cuda.topk_indices."""
+    return torch.topk(logits, k, dim=-1).indices.int()
+
+
+def sparse_reference(ref_logits: Tensor, support: Tensor,
+                     sampled_tokens: Optional[Tensor] = None, *, temperature: float = 1.0):
+    """(idx, log q at idx, log Σ_{v∉S~} q_v) as a plain log_softmax, gather and masked
+    logsumexp compute them (two [N, V] temporaries)."""
+    log_q = _log_softmax(ref_logits, temperature)
+    idx = support.long()
+    if sampled_tokens is not None:
+        o = sampled_tokens.long().unsqueeze(-1)
+        idx = torch.cat([idx, torch.where((idx == o).any(-1, keepdim=True), -1, o)], dim=-1)
+    safe = torch.where(idx >= 0, idx, idx[..., :1])  # −1 slots point at a member
+    lq = torch.where(idx >= 0, log_q.gather(-1, safe).float(), float("-inf"))
+    tail = log_q.scatter(-1, safe, float("-inf")).float().logsumexp(-1)
+    return idx.int(), lq, tail
+
+
+def topk_kl_sparse(logits: Tensor, idx: Tensor, ref_logprobs: Tensor, *,
+                   sampled_tokens: Optional[Tensor] = None,
+                   old_logprobs: Optional[Tensor] = None, temperature: float = 1.0) -> Tensor:
+    """r · Σ_{v ∈ S~} p_v (log p_v − log q_v) on a stored S~ (idx, −1 = empty slot)."""
+    log_p = _log_softmax(logits, temperature)
+    keep = idx >= 0
+    lp = log_p.gather(-1, torch.where(keep, idx, 0).long()).float()
+    out = torch.where(keep, lp.exp() * (lp - ref_logprobs), 0.0).sum(-1)
+    if old_logprobs is not None:
+        lp_o = log_p.gather(-1, sampled_tokens.long().unsqueeze(-1)).squeeze(-1).float()
+        out = out * torch.exp(lp_o - old_logprobs.float()).detach()
+    return out

@@ -140,8 +140,14 @@ def per_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, estimator: str,
     ``mask`` (bool, or 0/1 integer/float, ``logits.shape[:-1]``): masked positions give 0
     and a zero gradient; their ``sampled_tokens`` may be padding (e.g. -100) and are not
     looked up.
+
+    For "tike" / "tike_bucket", ``ref_logits`` may be a :class:`~tike_cuda.SparseReference`
+    (the reference stored on a fixed S~; see :func:`tike_cuda.sparse_reference`).
     """
     estimator = canonical_estimator(estimator)
+    if isinstance(ref_logits, _ops.SparseReference) and estimator not in ("tike", "tike_bucket"):
+        raise TypeError(f"ref_logits: a SparseReference (the reference on a fixed S~) serves "
+                        f"'tike' and 'tike_bucket' only, got estimator {estimator!r}")
     if estimator == "full":
         return _ops.full_kl(logits, ref_logits, temperature=temperature, mask=mask)
     if estimator in ("tike", "tike_bucket"):

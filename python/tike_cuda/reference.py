@@ -64,10 +64,12 @@ def topk_indices(logits: Tensor, k: int) -> Tensor:
 
 
 def support_mask(logits: Tensor, k: int, sampled_tokens: Optional[Tensor] = None,
-                 union_sampled: bool = True) -> Tensor:
-    """Boolean [..., V] membership of S~ (a set, so the sampled token counts once)."""
+                 union_sampled: bool = True, support: Optional[Tensor] = None) -> Tensor:
+    """Boolean [..., V] membership of S~ (a set, so the sampled token counts once).
+    S is the top-k of `logits`, or the given fixed `support` ([..., k] ids)."""
     inside = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-    inside.scatter_(-1, topk_indices(logits, k), True)
+    chosen = topk_indices(logits, k) if support is None else support.long()
+    inside.scatter_(-1, chosen, True)
     if sampled_tokens is not None and union_sampled:
         inside.scatter_(-1, sampled_tokens.long().unsqueeze(-1), True)
     return inside
@@ -77,10 +79,13 @@ def topk_kl_reference(logits: Tensor, ref_logits: Tensor, k: int = 16, *,
                       sampled_tokens: Optional[Tensor] = None,
                       old_logprobs: Optional[Tensor] = None, temperature: float = 1.0,
                       mask: Optional[Tensor] = None, union_sampled: bool = True,
-                      tail: str = "none", return_stats: bool = False):
+                      tail: str = "none", return_stats: bool = False,
+                      support: Optional[Tensor] = None):
     """TIKE: r · Σ_{v∈S~} p_v log(p_v / q_v)  (+ the tail bucket when tail="bucket").
 
     r = exp(log p(o) − old_logprob) is detached (paper Eq. 17); S~ is a constant.
+    With `support` ([..., k] ids), S is that fixed set instead of the top-k of `logits`:
+    TIKE on a fixed support (design.md §6), what topk_kl computes from a SparseReference.
     """
     sampled_tokens = _unpad(sampled_tokens, mask)
     z = _masked_rows(logits.double(), mask)
@@ -89,7 +94,7 @@ def topk_kl_reference(logits: Tensor, ref_logits: Tensor, k: int = 16, *,
     log_q = torch.log_softmax(zr / temperature, dim=-1)
     p, q = log_p.exp(), log_q.exp()
 
-    inside = support_mask(z, k, sampled_tokens, union_sampled)
+    inside = support_mask(z, k, sampled_tokens, union_sampled, support)
     value = _safe_plogr(p, log_p - log_q, inside).sum(-1)
     topk_mass = torch.where(inside, p, 0.0).sum(-1)
     ref_mass = torch.where(inside, q, 0.0).sum(-1)
@@ -113,6 +118,33 @@ def topk_kl_reference(logits: Tensor, ref_logits: Tensor, k: int = 16, *,
         return value
     stats = TopkStats(*(_apply_mask(s.detach(), mask) for s in (topk_mass, sampled_lp, ref_mass)))
     return value, stats
+
+
+def sparse_reference_reference(ref_logits: Tensor, support: Tensor, *,
+                               sampled_tokens: Optional[Tensor] = None,
+                               temperature: float = 1.0, mask: Optional[Tensor] = None):
+    """The fields of a SparseReference, in float64: (idx, log q at idx, log Σ_{v∉S~} q_v).
+
+    idx = support, then (with sampled tokens) o — or −1 when o is in the support; log q is
+    −inf at −1; masked rows: idx −1, log q −inf, tail log-mass 0. The tail is summed over
+    its own terms.
+    """
+    log_q = torch.log_softmax(ref_logits.double() / temperature, dim=-1)
+    idx = support.long()
+    if sampled_tokens is not None:
+        o = sampled_tokens.long().unsqueeze(-1)
+        idx = torch.cat([idx, torch.where((support == o).any(-1, keepdim=True), -1, o)], -1)
+    # Membership of S~ (a −1 slot adds nothing: scatter_add, not scatter, so it cannot
+    # unmark column 0).
+    counts = torch.zeros(log_q.shape, dtype=torch.long, device=log_q.device)
+    inside = counts.scatter_add_(-1, idx.clamp_min(0), (idx >= 0).long()) > 0
+    logprobs = torch.where(idx >= 0, log_q.gather(-1, idx.clamp_min(0)), float("-inf"))
+    tail = torch.where(inside, float("-inf"), log_q).logsumexp(-1)
+    if mask is not None:
+        idx = torch.where(mask.unsqueeze(-1), idx, -1)
+        logprobs = torch.where(mask.unsqueeze(-1), logprobs, float("-inf"))
+        tail = torch.where(mask, tail, 0.0)
+    return idx, logprobs, tail
 
 
 def full_kl_reference(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0,

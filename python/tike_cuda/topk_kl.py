@@ -9,6 +9,7 @@ from torch import Tensor
 from . import _autograd, _checks, _inplace
 from ._autograd import LOGITS, ROWS, ROWS_K
 from .reference import TopkStats
+from .sparse import SparseReference, topk_kl_sparse
 
 __all__ = ["topk_kl", "TopkStats"]
 
@@ -58,7 +59,16 @@ def topk_kl(logits: Tensor, ref_logits: Tensor, k: int = 16, *,
     Its graph can be backpropagated once (``retain_graph=True`` then ``create_graph=True``
     are errors); another op that saved the same logits fails autograd's in-place check
     rather than read a gradient.
+
+    ``ref_logits`` may instead be a :class:`~tike_cuda.SparseReference` (the reference
+    stored on a fixed S~, :func:`tike_cuda.sparse_reference`): S~ is then its ``idx``
+    (``k`` is its support size) and nothing of the reference's ``N×V`` is read.
     """
+    if isinstance(ref_logits, SparseReference):
+        return topk_kl_sparse(logits, ref_logits, k, sampled_tokens=sampled_tokens,
+                              old_logprobs=old_logprobs, temperature=temperature, mask=mask,
+                              union_sampled=union_sampled, tail=tail,
+                              return_stats=return_stats, inplace_backward=inplace_backward)
     _checks.logits(logits)
     _checks.like_logits(ref_logits, logits, "ref_logits")
     k = _checks.k_value(k, logits.shape[-1])

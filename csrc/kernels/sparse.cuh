@@ -1,0 +1,333 @@
+// CUDA kernels and launchers of the fixed-support ops (torch-free, header-only):
+// sparse_reference and the forward of topk_kl_sparse (its backward is topk_kl's).
+//
+// Per row, one CTA, ONE streaming pass (stream_segment, 16-byte loads): the lazily
+// referenced sum of 2^(x·c − m) over all columns (the log-sum-exp) and, on the same
+// reference, over the columns outside S~ only — the tail mass summed directly over its
+// own terms, never 1 − head. Membership costs one register compare per vector: S~
+// arrives sorted, and each thread walks it alongside its (increasing) columns. Then K1
+// gathers: log q on S~ (sparse_reference), or the TIKE terms of tike_terms.h against the
+// stored log q (topk_kl_sparse), in double.
+//
+// A row whose S~ holds an index outside [0, V) or an index twice, or whose sampled token
+// is out of range, gives NaN (checking on the host would need a sync); nothing is read
+// out of bounds. So does a row whose distribution is undefined (a NaN, a +inf logit, no
+// finite logit), as in docs/kernels.md.
+#pragma once
+#include <climits>
+
+#include "common.cuh"
+#include "sparse_args.h"
+#include "tike_terms.h"
+
+namespace tike::cuda {
+namespace sparse_detail {
+
+// The first position in [lo, hi) of the ascending list s whose entry is >= v (hi if none).
+__device__ __forceinline__ int lower_bound(const int32_t* s, int lo, int hi, int v) {
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (s[mid] < v) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Which of the columns j .. j+n−1 (n <= 32) are in the ascending list s[0, len) or equal
+// `extra`, for a thread whose calls come in increasing j (a smaller j restarts the walk).
+// The common answer, none, costs one compare against the next member.
+struct SupportCursor {
+  const int32_t* s;
+  int len, extra;
+  int cur = 0, last = INT_MIN, nxt = INT_MAX;  // nxt = s[cur], or INT_MAX past the end
+
+  __device__ __forceinline__ SupportCursor(const int32_t* list, int n, int extra_member)
+      : s(list), len(n), extra(extra_member) {
+    nxt = len > 0 ? s[0] : INT_MAX;
+  }
+  __device__ __forceinline__ void seek(int j) {  // first member >= j, from cur on
+    cur = lower_bound(s, cur, len, j);
+    nxt = cur < len ? s[cur] : INT_MAX;
+  }
+  __device__ __forceinline__ uint32_t flags(int j, int n) {
+    if (j < last) {
+      cur = 0;
+      nxt = len > 0 ? s[0] : INT_MAX;
+    }
+    last = j;
+    uint32_t f = uint32_t(extra - j) < uint32_t(n) ? 1u << (extra - j) : 0u;
+    if (nxt < j) seek(j);
+    if (nxt - j >= n) return f;
+    for (int i = cur; i < len && s[i] - j < n; ++i) f |= 1u << (s[i] - j);
+    return f;
+  }
+};
+
+// Σ 2^(x_i·c − m) over a thread's columns (s) and over those not flagged as members of
+// S~ (t), on one lazily moved reference m (as LazyLse: it moves only when a chunk would
+// pass 2^64). −inf terms count 0; NaN propagates.
+struct LazyLseTail {
+  float m = -kInf, s = 0.f, t = 0.f;
+
+  template <int N>
+  __device__ __forceinline__ void add(const float (&x)[N], uint32_t members, float c) {
+    float e[N], a = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      e[i] = ex2(scaled_minus(x[i], c, m));
+      a += e[i];
+    }
+    if (!(a <= kLazyLimit)) {
+      add_slow(x, members, c);
+      return;
+    }
+    float b = a;
+    if (members != 0u) {
+      b = 0.f;
+#pragma unroll
+      for (int i = 0; i < N; ++i) b += ((members >> i) & 1u) ? 0.f : e[i];
+    }
+    s += a;
+    t += b;
+  }
+  template <int N>
+  __device__ __forceinline__ void add_slow(const float (&x)[N], uint32_t members, float c) {
+    float mx = m;
+#pragma unroll
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(x[i], c));
+    if (mx > m) {
+      if (s != 0.f) {
+        const float f = ex2(m - mx);
+        s *= f;
+        t *= f;
+      }
+      m = mx;
+    }
+    float a = 0.f, b = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (x[i] == -kInf) continue;
+      const float e = ex2(scaled_minus(x[i], c, m));
+      a += e;
+      b += ((members >> i) & 1u) ? 0.f : e;
+    }
+    s += a;
+    t += b;
+  }
+};
+
+// The row's log-sum-exp as the reference m (a rounded x·c, base 2) and log2 S, so that
+// log p_v = ln2·((x_v·c − m) − log2 S) keeps its digits however large x/τ is (never
+// x/τ − lse, two huge numbers cancelling); and the tail mass relative to S.
+struct RowPass {
+  float m, c;
+  double l2s;   // log2 Σ_v 2^(x_v·c − m)
+  double tail;  // Σ_{v∉S~} p_v, from the tail terms
+  bool defined;  // false: a NaN, a +inf or no finite logit in the row (p undefined)
+
+  __device__ __forceinline__ double log_prob(float x) const {
+    return kLn2 * ((double(__fmul_rn(x, c)) - double(m)) - l2s);
+  }
+  __device__ __forceinline__ double lse() const { return kLn2 * (double(m) + l2s); }
+};
+
+// One pass over the row: the log-sum-exp of x/τ and (with a non-empty cursor) the tail
+// mass. All kThreads threads take part; every thread gets the result.
+template <typename T>
+__device__ __forceinline__ RowPass scan_row(const T* row, int V, float c, SupportCursor& cur,
+                                            float* fs) {
+  constexpr int N = Vec<T>::N;
+  LazyLseTail acc;
+  stream_segment<T, false, 4>(row, row, 0, V,
+                              [&](const float (&x)[N], const float (&)[N], int j) {
+                                acc.add(x, cur.flags(j, N), c);
+                              });
+  const float m = block_max(acc.m, fs);
+  const float s = block_sum(acc.s != 0.f ? acc.s * ex2(acc.m - m) : 0.f, fs);
+  const float t = block_sum(acc.t != 0.f ? acc.t * ex2(acc.m - m) : 0.f, fs);
+  RowPass r;
+  r.m = m;
+  r.c = c;
+  r.l2s = log2(double(s));
+  r.tail = double(t) / double(s);
+  // s > 0 and finite: a NaN propagates into s, a +inf logit makes it inf − inf = NaN, a
+  // row of −inf leaves it 0.
+  r.defined = s > 0.f && s < kInf;
+  return r;
+}
+
+// Whether the ascending row srt[0, n) holds an index outside [0, V) or one twice (with
+// allow_empty, −1 entries are empty slots). Block-wide; every thread gets the answer.
+__device__ __forceinline__ bool support_invalid(const int32_t* srt, int n, int V,
+                                                bool allow_empty, float* fs) {
+  bool bad = false;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const int v = srt[i];
+    if (v == -1 && allow_empty) continue;
+    bad |= v < 0 || v >= V || (i > 0 && srt[i - 1] == v);
+  }
+  return block_any(bad, fs);
+}
+
+__device__ __forceinline__ bool sorted_contains(const int32_t* s, int n, int v) {
+  const int i = lower_bound(s, 0, n, v);
+  return i < n && s[i] == v;
+}
+
+// The sampled token of row n: its column, −1 without sampled tokens; `bad` when out of range.
+__device__ __forceinline__ int sampled_column(const int64_t* tokens, int64_t n, int V, bool& bad) {
+  if (tokens == nullptr) return -1;
+  const int64_t t = tokens[n];
+  if (t >= 0 && t < V) return int(t);
+  bad = true;
+  return -1;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reference_kernel(const SparseReferenceArgs a) {
+  __shared__ float fs[kWarps];
+  const int64_t n = blockIdx.x;
+  const int tid = threadIdx.x, k = int(a.k), K1 = int(a.K1), V = int(a.V);
+  int32_t* idx = a.idx + n * K1;
+  float* lq = a.logprobs + n * K1;
+  if (a.mask && !a.mask[n]) {  // never read: an empty S~, all the mass in the tail
+    for (int s = tid; s < K1; s += kThreads) {
+      idx[s] = -1;
+      lq[s] = -kInf;
+    }
+    if (tid == 0) a.tail_logmass[n] = 0.f;
+    return;
+  }
+  const int32_t* sup = a.support + n * k;
+  const int32_t* srt = a.sorted + n * k;
+  bool bad_o = false;
+  const int o = sampled_column(a.sampled_tokens, n, V, bad_o);
+  const bool bad = support_invalid(srt, k, V, false, fs) || bad_o;  // uniform
+  const bool o_extra = K1 > k && o >= 0 && !bad && !sorted_contains(srt, k, o);
+  for (int s = tid; s < k; s += kThreads) idx[s] = sup[s];
+  if (K1 > k && tid == 0) idx[k] = o_extra ? o : -1;
+  const float nan = __int_as_float(0x7fc00000);
+  if (bad) {
+    for (int s = tid; s < K1; s += kThreads) lq[s] = nan;
+    if (tid == 0) a.tail_logmass[n] = nan;
+    return;
+  }
+  const T* qrow = row_base<T>(a.ref_logits, a.ref_layout, n);
+  SupportCursor cur(srt, k, o_extra ? o : -1);
+  const RowPass q = scan_row(qrow, V, kLog2e / a.temperature, cur, fs);
+  for (int s = tid; s < K1; s += kThreads) {
+    const int j = s < k ? sup[s] : (o_extra ? o : -1);
+    lq[s] = !q.defined ? nan : j < 0 ? -kInf : float(q.log_prob(load1(qrow + j)));
+  }
+  if (tid == 0) a.tail_logmass[n] = q.defined ? float(log(q.tail)) : nan;
+}
+
+__device__ __forceinline__ void write_policy_row(const TopkKlSparseArgs& a, int64_t n, float v) {
+  for (int s = threadIdx.x; s < a.K1; s += kThreads) a.coef[n * a.K1 + s] = v;
+  if (threadIdx.x == 0) {
+    a.out[n] = a.lse[n] = a.shift[n] = v;
+    a.stats[n * 3] = a.stats[n * 3 + 1] = a.stats[n * 3 + 2] = v;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) policy_kernel(const TopkKlSparseArgs a) {
+  __shared__ float fs[kWarps];
+  __shared__ double ds[kWarps];
+  const int64_t n = blockIdx.x;
+  const int tid = threadIdx.x, K1 = int(a.K1), V = int(a.V);
+  if (a.mask && !a.mask[n]) {  // masked rows are never read
+    write_policy_row(a, n, 0.f);
+    return;
+  }
+  const int32_t* idx = a.idx + n * K1;
+  const float* lq = a.ref_logprobs + n * K1;
+  bool bad_o = false;
+  const int o = sampled_column(a.sampled_tokens, n, V, bad_o);
+  if (support_invalid(a.sorted + n * K1, K1, V, true, fs) || bad_o) {
+    write_policy_row(a, n, __int_as_float(0x7fc00000));
+    return;
+  }
+  const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
+  // Without the tail bucket the pass needs no membership: an empty list.
+  SupportCursor cur(a.sorted + n * K1, a.tail_bucket ? K1 : 0, -1);
+  const RowPass p = scan_row(zrow, V, kLog2e / a.temperature, cur, fs);
+  if (!p.defined) {  // uniform: every thread has the same p
+    write_policy_row(a, n, __int_as_float(0x7fc00000));
+    return;
+  }
+  const double inv_tau = double(1.f / a.temperature);
+
+  double lp_o = 0.0, ratio = 1.0;
+  if (o >= 0) lp_o = p.log_prob(load1(zrow + o));
+  if (a.old_logprobs) ratio = exp(lp_o - double(a.old_logprobs[n]));
+  TikeHead h;
+  for (int s = tid; s < K1; s += kThreads) {
+    if (idx[s] >= 0) h.add(p.log_prob(load1(zrow + idx[s])), double(lq[s]));
+  }
+  h.D = block_sum(h.D, ds);
+  h.C = block_sum(h.C, ds);
+  h.m_p = block_sum(h.m_p, ds);
+  h.m_q = block_sum(h.m_q, ds);
+  const TikeTail t =
+      a.tail_bucket ? tike_tail(p.tail, double(a.ref_tail_logmass[n])) : TikeTail{};
+  const double scale = ratio * inv_tau;
+  for (int s = tid; s < K1; s += kThreads) {
+    const int j = idx[s];
+    a.coef[n * K1 + s] =
+        j < 0 ? 0.f : tike_coef(p.log_prob(load1(zrow + j)), double(lq[s]), scale, t.b);
+  }
+  if (tid == 0) {
+    a.out[n] = float(ratio * (h.D + t.T));
+    a.lse[n] = float(p.lse());
+    a.shift[n] = float(scale * (h.C - h.m_p * t.b));
+    a.stats[n * 3] = float(h.m_p);
+    a.stats[n * 3 + 1] = float(lp_o);
+    a.stats[n * 3 + 2] = float(h.m_q);
+  }
+}
+
+inline bool sizes_ok(int64_t N, int64_t V, int64_t K1, float temperature) {
+  return temperature > 0.f && V >= 1 && V < (int64_t(1) << 30) && N < int64_t(INT_MAX) &&
+         K1 >= 1 && K1 < (int64_t(1) << 30);
+}
+
+// launch(T{}) with T the element type of `dt`, then the launch status.
+template <typename F>
+inline cudaError_t launch_for(DType dt, F&& launch) {
+  switch (dt) {
+    case DType::Float32: launch(float{}); break;
+    case DType::BFloat16: launch(__nv_bfloat16{}); break;
+    case DType::Float16: launch(__half{}); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace sparse_detail
+
+// ---------------------------------------------------------------------- launchers
+
+inline cudaError_t sparse_reference(const SparseReferenceArgs& a, cudaStream_t stream) {
+  if (a.N == 0) return cudaSuccess;
+  if (!sparse_detail::sizes_ok(a.N, a.V, a.K1, a.temperature) || a.k < 1 || a.k > a.V ||
+      a.K1 < a.k || a.K1 > a.k + 1)
+    return cudaErrorInvalidValue;
+  return sparse_detail::launch_for(a.dtype, [&](auto t) {
+    TIKE_LAUNCH(sparse_detail::reference_kernel<decltype(t)>, unsigned(a.N), kThreads, 0, stream, a);
+  });
+}
+
+// Forward of topk_kl_sparse; the backward is topk_kl_backward with the same idx.
+inline cudaError_t topk_kl_sparse_forward(const TopkKlSparseArgs& a, cudaStream_t stream) {
+  if (a.N == 0) return cudaSuccess;
+  if (!sparse_detail::sizes_ok(a.N, a.V, a.K1, a.temperature)) return cudaErrorInvalidValue;
+  return sparse_detail::launch_for(a.dtype, [&](auto t) {
+    TIKE_LAUNCH(sparse_detail::policy_kernel<decltype(t)>, unsigned(a.N), kThreads, 0, stream, a);
+  });
+}
+
+}  // namespace tike::cuda

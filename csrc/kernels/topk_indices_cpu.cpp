@@ -1,0 +1,38 @@
+// CPU kernel of topk_indices: topk_kl's selection (topk_select_cpu.h) without the KL —
+// one pass over each row, tile by tile, most blocks skipped on their max alone.
+#include "topk_indices_cpu.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_simd.h"
+#include "topk_select_cpu.h"
+
+namespace tike::cpu {
+
+TIKE_CPU_HOT void topk_indices_rows(const TopkIndicesArgs& a, int64_t row_begin,
+                                    int64_t row_end) {
+  TopK topk(a.k);
+  std::vector<float> buf(kTile + kBlock);
+  float bmax[kTile / kBlock];
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    int32_t* out = a.idx + r * a.k;
+    if (a.mask && !a.mask[r]) {  // masked rows are never read
+      std::fill(out, out + a.k, -1);
+      continue;
+    }
+    const void* row = row_ptr(a.logits, a.dtype, a.logits_layout, r);
+    topk.clear();
+    bool nan = false;  // NaN ranks as −inf: nothing else to do with it here
+    for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
+      const int n = int(std::min<int64_t>(kTile, a.V - j0));
+      const int npad = (n + kLanes - 1) / kLanes * kLanes;
+      const float* x = tile_src(row, a.dtype, j0, n, buf.data());
+      block_maxima(x, npad, bmax, nan);
+      offer_blocks(topk, x, n, j0, bmax);
+    }
+    topk.write_sorted(out);
+  }
+}
+
+}  // namespace tike::cpu
