@@ -22,7 +22,6 @@ from typing import Optional
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import GRAD_RTOL
 
@@ -353,19 +352,9 @@ def _worker(rank, world, init_file, out_dir, backend, device, group_ranks, names
 
 def _launch(tmp, world, backend, device, group_ranks, names):
     """Runs _worker in `world` fresh processes; returns {rank: results} (or raises)."""
-    init_file = os.path.join(tmp, "pg_init")
-    ctx = mp.start_processes(_worker, args=(world, init_file, tmp, backend, device, group_ranks,
-                                            names),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world} processes did not finish within {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    from tike_cuda.distributed._spawn import run_processes
+    run_processes(_worker, world, (world, os.path.join(tmp, "pg_init"), tmp, backend, device,
+                                   group_ranks, names), DEADLINE_S)
     out = {}
     for r in range(world):
         with open(os.path.join(tmp, f"rank{r}.json")) as f:

@@ -136,6 +136,24 @@ def tokens(x, ref: Tensor, name: str, mask: Optional[Tensor] = None,
     return x
 
 
+def topk_options(logits: Tensor, row_mask, sampled, old, tau, union_sampled, tail,
+                 return_stats, vocab: Optional[int] = None):
+    """The per-token arguments and options of topk_kl-like ops (``mask``, ``sampled_tokens``,
+    ``old_logprobs``, ``temperature``, ``union_sampled``, ``tail``, ``return_stats``),
+    checked: returns (mask as bool, sampled_tokens, old_logprobs, temperature).
+    ``vocab``: see :func:`tokens`."""
+    row_mask = mask(row_mask, logits)
+    sampled = tokens(sampled, logits, "sampled_tokens", row_mask, vocab)
+    old = per_token(old, logits, "old_logprobs", "float")
+    if old is not None and sampled is None:
+        raise ValueError("old_logprobs needs sampled_tokens (the IS weight is taken at the sampled token)")
+    tau = temperature(tau)
+    flag(union_sampled, "union_sampled")
+    choice(tail, "tail", ("none", "bucket"))
+    flag(return_stats, "return_stats")
+    return row_mask, sampled, old, tau
+
+
 def _require(cond, message: str) -> None:
     """ValueError(message) unless cond. While tracing (torch.compile; with dynamic=True the
     value may be symbolic) through torch._check_value, which guards or asserts at run time;

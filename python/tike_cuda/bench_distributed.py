@@ -128,24 +128,14 @@ def _worker(rank, world, init_file, out_file, args):
 
 
 def run(args) -> list:
-    import torch.multiprocessing as mp
+    from .distributed._spawn import run_processes
 
     if args.V % args.world:
         raise SystemExit(f"--V {args.V} must be divisible by --world {args.world}")
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "rows.json")
-        ctx = mp.start_processes(_worker, args=(args.world, os.path.join(tmp, "init"), out_file,
-                                                args),
-                                 nprocs=args.world, join=False, start_method="spawn")
-        deadline = time.monotonic() + args.timeout
-        try:
-            while not ctx.join(timeout=2):
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the benchmark did not finish within {args.timeout} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+        run_processes(_worker, args.world, (args.world, os.path.join(tmp, "init"), out_file, args),
+                      args.timeout)
         with open(out_file) as f:
             return json.load(f)
 

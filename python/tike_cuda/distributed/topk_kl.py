@@ -66,23 +66,17 @@ def vocab_parallel_topk_kl(logits: Tensor, ref_logits: Tensor, k: int = 16, *, g
     """
     _checks.logits(logits)
     _checks.like_logits(ref_logits, logits, "ref_logits")
-    mask = _checks.mask(mask, logits)
-    sampled_tokens = _checks.per_token(sampled_tokens, logits, "sampled_tokens", "int")
-    old_logprobs = _checks.per_token(old_logprobs, logits, "old_logprobs", "float")
-    if old_logprobs is not None and sampled_tokens is None:
-        raise ValueError("old_logprobs needs sampled_tokens (the IS weight is taken at the sampled token)")
-    temperature = _checks.temperature(temperature)
-    _checks.flag(union_sampled, "union_sampled")
-    _checks.choice(tail, "tail", ("none", "bucket"))
-    _checks.flag(return_stats, "return_stats")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     layout = _group.shard_layout(logits, group, shard_sizes,
                                  (_NAME, k, temperature, union_sampled, tail, str(logits.dtype),
                                   sampled_tokens is not None, old_logprobs is not None,
                                   mask is not None))
+    # Checked once every rank knows V (a failure then raises on all ranks alike).
     k = _checks.k_value(k, layout.V)
-    _checks.tokens(sampled_tokens, logits, "sampled_tokens", mask, vocab=layout.V)
+    mask, sampled_tokens, old_logprobs, temperature = _checks.topk_options(
+        logits, mask, sampled_tokens, old_logprobs, temperature, union_sampled, tail,
+        return_stats, vocab=layout.V)
 
     out, stats = _Function.apply(logits, ref_logits.detach(), k,
                                  _checks.rows(sampled_tokens, torch.int64),
