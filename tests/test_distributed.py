@@ -47,7 +47,7 @@ class Case:
     tail: str = "none"
     union: bool = True
     tau: float = 1.0
-    special: Optional[str] = None    # nan, ties, neginf, view
+    special: Optional[str] = None    # nan, ties, neginf, view, big (logits ~ 40)
     sizes_given: bool = False        # pass shard_sizes (no size all-gather)
     entropy: bool = False
     emu: bool = False                # the CUDA kernels, under the CPU emulation
@@ -76,17 +76,21 @@ CASES = [
     Case("emu_bf16_nan", emu=True, dtype=BF16, special="nan", lead=(6,), V=29, k=3),
     Case("lp", op="logprobs"),
     Case("lp_entropy_bf16", op="logprobs", dtype=BF16, entropy=True, split="uneven"),
-    Case("lp_entropy_mask", op="logprobs", entropy=True, mask=True, split="small",
-         sizes_given=True),
+    Case("lp_entropy_mask_big", op="logprobs", entropy=True, mask=True, split="small",
+         sizes_given=True, special="big"),
     Case("lp_nan_inf", op="logprobs", entropy=True, special="nan", split="uneven"),
     Case("lp_view_tau", op="logprobs", entropy=True, special="view", lead=(2, 3), tau=0.7),
-    Case("lp_emu", op="logprobs", entropy=True, emu=True, split="uneven", V=31),
+    Case("lp_emu", op="logprobs", entropy=True, emu=True, split="uneven", V=31, mask=True),
+    Case("lp_emu_nan", op="logprobs", entropy=True, emu=True, special="nan", V=31),
     Case("full", op="full", tokens=None),
     Case("full_bf16_mask", op="full", tokens=None, dtype=BF16, mask=True, split="uneven"),
     Case("full_nan_inf", op="full", tokens=None, special="nan", split="small"),
     Case("full_neginf", op="full", tokens=None, special="neginf", sizes_given=True),
     Case("full_view_tau", op="full", tokens=None, special="view", lead=(2, 3), tau=0.7),
     Case("full_emu", op="full", tokens=None, emu=True, split="uneven", V=31, mask=True),
+    Case("full_emu_nan", op="full", tokens=None, emu=True, special="nan", V=31),
+    Case("big_mask", mask=True, special="big", tail="bucket", dtype=BF16),
+    Case("full_big_mask", op="full", tokens=None, mask=True, special="big"),
 ]
 ERRORS = ["k_above_V", "token_out_of_range", "k_differs", "rows_differ", "bad_shard_sizes",
           "second_derivative", "forward_mode", "group_rank"]
@@ -117,7 +121,8 @@ def _data(c: Case, R: int, device):
             return torch.randint(0, 3, shape, generator=gen).double()
         if c.special == "view":  # a [:, 1:] slice: rows of arbitrary stride
             return (torch.randn(shape[0], shape[1] + 1, c.V, generator=gen) * 3)[:, 1:]
-        return torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+        scale = 40.0 if c.special == "big" else 3.0  # big: exp(z/τ) overflows float32
+        return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
 
     z, zr = logits(), logits()
     if c.special == "nan":

@@ -81,7 +81,8 @@ def _forward(logits, tok, live, tau, with_entropy, layout):
     s = float(torch.tensor(1.0 / tau, dtype=torch.float32))
     M, ell, log_w = _lse.combine(st[..., 0], st[..., 1], s)
     logp = (st[..., 2].sum(1).double() - M) * s - ell  # only the owner wrote z_o
-    bad = ~(torch.isfinite(M) & torch.isfinite(ell)) | ((tok < 0) | (tok >= layout.V))
+    undefined = ~(torch.isfinite(M) & torch.isfinite(ell))
+    bad = undefined | ((tok < 0) | (tok >= layout.V))
     zero = torch.zeros((), dtype=torch.float64, device=logits.device)
     nan = torch.full((), float("nan"), dtype=torch.float64, device=logits.device)
     logp = torch.where(bad, nan, logp)
@@ -89,12 +90,14 @@ def _forward(logits, tok, live, tau, with_entropy, layout):
     if with_entropy:
         # Σ_i w_i (H_i − log w_i); a shard without mass adds nothing (its H_i is undefined).
         terms = log_w.exp() * (st[..., 3].double() - log_w)
-        H = torch.where(bad, nan, torch.where(log_w == -float("inf"), zero, terms).sum(1))
-    M, ell = torch.where(bad, nan, M), torch.where(bad, nan, ell)  # NaN gradient rows
+        H = torch.where(undefined, nan, torch.where(log_w == -float("inf"), zero, terms).sum(1))
+    # An undefined row's backward reads NaN pairs: its whole gradient is NaN on every rank.
+    # Masked rows keep their pairs (their upstream gradient is 0), as the single-process
+    # op, which computes them too.
+    M, ell = torch.where(undefined, nan, M), torch.where(undefined, nan, ell)
     if live is not None:
         logp = torch.where(live, logp, zero)
         H = torch.where(live, H, zero) if with_entropy else H
-        M, ell = torch.where(live, M, zero), torch.where(live, ell, zero)
     bwd_tok = torch.where(owned, local_tok, torch.full_like(local_tok, -1))
     return (logp.float(), H.float(), _lse.saved_like(M, ell, s, lse), bwd_tok)
 
