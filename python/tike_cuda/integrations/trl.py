@@ -182,11 +182,13 @@ class TikeGRPOTrainer(GRPOTrainer):
       temperature=τ, mask)``. Both projections run over chunks of rows
       (``tike_cuda.fused_linear.DEFAULT_MEMORY_BUDGET`` bytes of logits at a time). The old
       policy's logits come from the last hidden states of TRL's own old-log-prob forward
-      when TRL runs one (``num_iterations > 1``, generation misaligned with the accumulation
-      steps, vLLM's correction); where TRL runs none (``num_iterations == 1`` with aligned
-      steps: TRL then takes the old log-probs from the update's own forward) the policy's
-      body runs once more per generation batch, without gradient — the one extra forward
-      of this mode, a third or so of a training forward and backward.
+      when TRL runs one: whenever the policy may move before the batch's last use
+      (``gradient_accumulation_steps`` not a multiple of ``steps_per_generation ×
+      num_iterations``, e.g. ``num_iterations > 1`` with the defaults), and with vLLM's
+      importance-sampling correction. Where TRL runs none (e.g. ``num_iterations == 1``:
+      TRL then takes the old log-probs from the update's own forward) the policy's body
+      runs once more per generation batch, without gradient — the one extra forward of
+      this mode, about a third of a training forward and backward.
     * the store's fields travel in the batch (:data:`SPARSE_REFERENCE_KEYS`), shuffled and
       split into micro-batches with it, and live until the next generation.
     * at update time, per micro-batch and iteration: no reference forward and no reference
@@ -201,9 +203,11 @@ class TikeGRPOTrainer(GRPOTrainer):
     (``num_iterations`` reference forwards per sample become one). It costs the store,
     N·K1·8 + N·4 bytes per generation batch of N completion positions (K1 = ``kl_topk``
     + 1: 140 bytes a token at k = 16; 2.3 MB at N = 16,384), an output-layer projection of
-    the old policy for its top-k, and the policy forward above at ``num_iterations == 1``.
-    On a batch's first iteration it equals "dense" (S~ is then the current policy's top-k);
-    on later ones S~ stays the old policy's.
+    the old policy for its top-k, and the policy forward above where TRL runs none.
+    Until the policy moves after generation (a batch's first iteration, with the default
+    ``steps_per_generation``) it equals "dense": S~ is the current policy's top-k. After,
+    S~ stays the old policy's: TIKE on a fixed support, bounded and smooth in the logits
+    (docs/sparse_reference.md).
 
     Not supported with ``beta > 0`` (a clear error at construction): vision-language
     models, an adapter on the output layer, FSDP and DeepSpeed ZeRO-3.
