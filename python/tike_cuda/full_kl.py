@@ -33,7 +33,9 @@ def full_kl(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0,
 def _full_kl_fake(logits, ref_logits, mask, temperature):
     torch._check(ref_logits.shape == logits.shape)
     N = logits.numel() // logits.shape[-1]
-    return tuple(logits.new_empty(N, dtype=torch.float32) for _ in range(3))
+    f = dict(dtype=torch.float32)
+    # out [N]; lse_p, lse_q [N, 2] = (max, log Σ exp((x − max)/τ)) per row
+    return logits.new_empty(N, **f), logits.new_empty(N, 2, **f), logits.new_empty(N, 2, **f)
 
 
 @torch.library.register_fake("tike_cuda::full_kl_backward")

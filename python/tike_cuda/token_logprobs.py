@@ -37,7 +37,7 @@ def _token_logprobs_fake(logits, tokens, temperature, with_entropy):
     N = logits.numel() // logits.shape[-1]
     f = dict(dtype=torch.float32)
     return (logits.new_empty(N, **f), logits.new_empty(N if with_entropy else 0, **f),
-            logits.new_empty(N, **f))
+            logits.new_empty(N, 2, **f))  # lse: (max z, log Σ exp((z − max)/τ)) per row
 
 
 @torch.library.register_fake("tike_cuda::token_logprobs_backward")

@@ -120,7 +120,7 @@ def _topk_kl_fake(logits, ref_logits, k, sampled_tokens, old_logprobs, mask, tem
     N = _n_rows(logits)
     K1 = k + (1 if sampled_tokens is not None and union_sampled else 0)
     f = dict(dtype=torch.float32, device=logits.device)
-    return (logits.new_empty(N, **f), logits.new_empty(N, **f),
+    return (logits.new_empty(N, **f), logits.new_empty(N, 2, **f),
             logits.new_empty(N, K1, dtype=torch.int32, device=logits.device),
             logits.new_empty(N, K1, **f), logits.new_empty(N, **f), logits.new_empty(N, 3, **f))
 
