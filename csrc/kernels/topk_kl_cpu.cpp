@@ -28,46 +28,70 @@ inline bool ranks_below(const Cand& a, const Cand& b) {
   return a.v < b.v || (a.v == b.v && a.i > b.i);
 }
 
-// The k best candidates seen so far, as a min-heap whose root is the worst one kept.
-// Rows are scanned in increasing index order, so a newcomer equal to the root ranks
-// below it and is rejected by the strict compare: ties go to the lower index.
+// The k best values of a row (ties to the lower index, NaN as −inf), scanned in index
+// order: every value above the threshold — the k-th best kept after the last prune — is
+// appended to a buffer (branch-free), and when the buffer holds `cap` candidates a
+// selection cuts it back to the k best and raises the threshold. So a value costs one
+// compare, and the selections cost O(cap) each, ~k·ln(V/k)/(cap − k) times a row: no heap
+// update per admitted value. A newcomer equal to the threshold comes at a higher index
+// than every kept value and ranks below them: the strict compare rejects it. The first k
+// values of a row are taken unconditionally, so a row with fewer than k finite values
+// (masked vocabularies, NaN) still fills S in index order.
 class TopK {
  public:
-  explicit TopK(int64_t k) : k_(size_t(k)) { heap_.reserve(k_); }
-  void clear() { heap_.clear(); }
-  bool full() const { return heap_.size() == k_; }
-  float threshold() const { return heap_[0].v; }
-
-  void offer(float v, int32_t i) {
-    if (!full()) {
-      heap_.push_back({v, i});
-      std::push_heap(heap_.begin(), heap_.end(), cmp);
-    } else if (v > heap_[0].v) {
-      std::pop_heap(heap_.begin(), heap_.end(), cmp);
-      heap_.back() = {v, i};
-      std::push_heap(heap_.begin(), heap_.end(), cmp);
-    }
+  explicit TopK(int64_t k)
+      : k_(k), cap_(std::max<int64_t>(2 * k, k + 1024)), buf_(size_t(cap_ + kBlock)) {}
+  void clear() {
+    n_ = 0;
+    thr_ = -kInf;
   }
-  // Writes the indices best first (value desc, index asc).
+  float threshold() const { return thr_; }
+  int64_t k() const { return k_; }
+
+  // Offers x[0, n) (indices j0 + i, all >= k): those above the threshold.
+  void offer_block(const float* x, int n, int32_t j0) {
+    Cand* out = buf_.data() + n_;
+    const float t = thr_;
+    int c = 0;
+    for (int i = 0; i < n; ++i) {
+      out[c] = {x[i], j0 + i};
+      c += x[i] > t;
+    }
+    n_ += c;
+    if (n_ >= cap_) prune(k_);
+  }
+  // Takes x[0, n) (indices j0 + i) unconditionally, NaN as −inf.
+  void take_block(const float* x, int n, int32_t j0) {
+    for (int i = 0; i < n; ++i) buf_[size_t(n_++)] = {x[i] == x[i] ? x[i] : -kInf, j0 + i};
+    if (n_ >= cap_) prune(k_);
+  }
+  // Writes the k best indices, best first (value desc, index asc).
   void write_sorted(int32_t* out) {
-    std::sort(heap_.begin(), heap_.end(), [](const Cand& a, const Cand& b) {
-      return ranks_below(b, a);
-    });
-    for (size_t s = 0; s < heap_.size(); ++s) out[s] = heap_[s].i;
+    const int64_t k = std::min(k_, n_);
+    prune(k);
+    std::sort(buf_.begin(), buf_.begin() + k, ranks_above);
+    for (int64_t s = 0; s < k; ++s) out[s] = buf_[size_t(s)].i;
   }
 
  private:
-  // std heap functions keep the "largest" at the root; make it the worst-ranked.
-  static bool cmp(const Cand& a, const Cand& b) { return ranks_below(b, a); }
-  size_t k_;
-  std::vector<Cand> heap_;
+  static bool ranks_above(const Cand& a, const Cand& b) { return ranks_below(b, a); }
+  void prune(int64_t k) {
+    if (n_ > k) {
+      std::nth_element(buf_.begin(), buf_.begin() + (k - 1), buf_.begin() + n_, ranks_above);
+      n_ = k;
+    }
+    thr_ = std::max(thr_, buf_[size_t(k - 1)].v);
+  }
+  int64_t k_, cap_, n_ = 0;
+  float thr_ = -kInf;
+  std::vector<Cand> buf_;
 };
 
 struct Scratch {
   std::vector<float> zbuf, qbuf;
   std::vector<std::pair<int32_t, int32_t>> support;  // (index, slot) of S~, by index
   TopK topk;
-  explicit Scratch(int64_t k) : zbuf(kTile + kBlock), qbuf(kTile + kBlock), topk(k) {}
+  explicit Scratch(int64_t k) : zbuf(kTile), qbuf(kTile), topk(k) {}
 };
 
 // S~ entries of row n sorted by vocabulary index, so tiles can walk them in order.
@@ -101,7 +125,7 @@ TIKE_INLINE LsePair scan_policy_row(const void* zrow, DType dt, int64_t V, float
       vf m = S::splat(-kInf);
       for (int i = b * kBlock; i < std::min(npad, (b + 1) * kBlock); i += S::kLanes) {
         const vf v = S::load(x + i);
-        m = S::max(m, v);
+        m = S::max(v, m);  // a NaN v keeps m: NaN ranks as −inf
         bad |= (v != v);
       }
       bmax[b] = S::hmax(m);
@@ -112,12 +136,13 @@ TIKE_INLINE LsePair scan_policy_row(const void* zrow, DType dt, int64_t V, float
     if (lse.M > -kInf && lse.M < kInf) lse.sum += tile_sumexp<S>(x, npad, lse.M, s);
 
     for (int b = 0; b < nblocks; ++b) {
-      if (topk.full() && !(bmax[b] > topk.threshold())) continue;
-      const int end = std::min(n, (b + 1) * kBlock);
-      for (int i = b * kBlock; i < end; ++i) {
-        const float v = x[i];
-        topk.offer(v == v ? v : -kInf, int32_t(j0 + i));  // NaN ranks as −inf
-      }
+      const int64_t jb = j0 + b * kBlock;
+      if (jb >= topk.k() && !(bmax[b] > topk.threshold())) continue;
+      const int len = std::min(n, (b + 1) * kBlock) - b * kBlock;
+      const float* xb = x + b * kBlock;
+      const int take = int(std::clamp<int64_t>(topk.k() - jb, 0, len));  // j < k: always in
+      if (take > 0) topk.take_block(xb, take, int32_t(jb));
+      if (take < len) topk.offer_block(xb + take, len - take, int32_t(jb + take));
     }
   }
   return lse.pair();
