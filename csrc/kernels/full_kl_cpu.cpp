@@ -47,14 +47,19 @@ TIKE_INLINE void forward_row(const FullKlForwardArgs& a, int64_t r, float* zb, f
     const double f = lp.raise_max(tm, s);  // dz_v of earlier terms drop by ΔM/τ
     if (lp.M != M0 && S0 > 0.0) X = f * (X + S0 * (double(M0) - double(lp.M)) * s);
     if (!(lp.M > -kInf && lp.M < kInf)) continue;
-    const vf vM = S::splat(lp.M), vR = S::splat(Rq);
+    const vf vM = S::splat(lp.M), vR = S::splat(Rq), ninf = S::splat(-kInf);
     const float c = s * kLog2e;
     vf se = vf{}, sx = vf{};
     for (int i = 0; i < npad; i += S::kLanes) {
-      const vf d = S::load(z + i) - vM, e = S::exp2(d * c);
+      const vf zi = S::load(z + i), qi = S::load(q + i), d = zi - vM, e = S::exp2(d * c);
       se += e;
-      // e = 0 terms (z far below its max, or −inf) count 0 even where zr = −inf too
-      sx += e != 0.f ? e * (d * s - (S::load(q + i) - vR) * s) : vf{};
+      // e = 0 terms (z far below its max, or −inf) count 0, even where zr = −inf too;
+      // but q_v = 0 < p_v (zr = −inf, z finite) makes the KL +inf even when p_v
+      // underflows in float.
+      // (e/τ)·(zr − R) before a sum: (zr − R)/τ alone overflows for zr = −FLT_MAX (a
+      // common mask value) while its product with e may not.
+      const vf es = e * s, t = e != 0.f ? es * d - es * (qi - vR) : vf{};
+      sx += (qi == ninf) & (zi > ninf) ? S::splat(kInf) : t;
     }
     lp.sum += S::hsum(se);
     X += S::hsum(sx);
@@ -78,7 +83,7 @@ TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb,
   const float gs = skip ? 0.f : a.grad_out[r] * s;
   const float Mp = a.lse_p[2 * r], lp = a.lse_p[2 * r + 1];
   const float Mq = a.lse_q[2 * r], lq = a.lse_q[2 * r + 1];
-  // p_j = exp(dz_j − ℓ_p), L_j − KL = dz_j − dq_j − (ℓ_p − ℓ_q + KL)
+  // p_j = exp(dz_j − ℓ_p), p_j (L_j − KL) = p_j (dz_j − (ℓ_p − ℓ_q + KL)) − (p_j/τ)(zr_j − M_q)
   const vf vMp = S::splat(Mp), vMq = S::splat(Mq), vlp = S::splat(lp);
   const vf dl = S::splat(lp - lq + a.out[r]);
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
@@ -92,7 +97,7 @@ TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb,
       const float* q = tile_src<S>(qrow, a.dtype, j0, n, qb, 0.f);
       for (int i = 0; i < npad; i += S::kLanes) {
         const vf dz = (S::load(z + i) - vMp) * s, p = S::exp(dz - vlp);
-        const vf g = p * (dz - (S::load(q + i) - vMq) * s - dl) * gs;
+        const vf g = (p * (dz - dl) - (p * s) * (S::load(q + i) - vMq)) * gs;
         S::store(out + i, p != 0.f ? g : vf{});
       }
     }
