@@ -419,6 +419,9 @@ def _demo(args) -> int:
     d = synthetic_batch(args.rows, args.vocab, seed=args.seed, dtype=dtype, device=device)
     z, zr, tok, old = d["logits"], d["ref_logits"], d["tokens"], d["old_logprobs"]
     threads = "" if device.startswith("cuda") else f", {torch.get_num_threads()} threads"
+    if not device.startswith("cuda"):
+        import tike_cuda
+        threads += f", CPU path {tike_cuda.cpu_isa()} (TIKE_CPU_ISA; runs {'/'.join(tike_cuda.cpu_isas())})"
     print(f"tike_cuda demo: {args.rows} token positions x V = {args.vocab:,} "
           f"({args.dtype}), k = {args.k}, on {device}{threads}")
     print(f"  synthetic LM-like logits (tike_cuda.synthetic, seed {args.seed}): Zipfian rows of "
