@@ -196,11 +196,62 @@ TIKE_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kep
   return uint16_t(u >> 16);
 }
 
+// IEEE half precision: a native type where the compiler has one in C++ (_Float16 on x86-64
+// with GCC >= 12 / Clang, __fp16 on Arm), else bit conversions in software (forced by
+// -DTIKE_SOFT_HALF, to test them).
+#if defined(TIKE_SOFT_HALF)
+#define TIKE_HALF_IN_SOFTWARE 1
+#elif defined(__aarch64__) || defined(__ARM_FP16_FORMAT_IEEE)
+typedef __fp16 half_t;
+TIKE_INLINE float half_to_float(half_t h) { return float(h); }
+TIKE_INLINE half_t float_to_half(float f) { return half_t(f); }
+#elif defined(__FLT16_MANT_DIG__) && (defined(__x86_64__) || defined(__clang__))
+typedef _Float16 half_t;
+TIKE_INLINE float half_to_float(half_t h) { return float(h); }
+TIKE_INLINE half_t float_to_half(float f) { return half_t(f); }
+#else
+#define TIKE_HALF_IN_SOFTWARE 1
+#endif
+#if defined(TIKE_HALF_IN_SOFTWARE)
+struct half_t {
+  uint16_t bits;
+};
+TIKE_INLINE float half_to_float(half_t h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu,
+                 m = h.bits & 0x3ffu;
+  float f;
+  if (e == 31) {  // inf / NaN
+    const uint32_t u = sign | 0x7f800000u | (m << 13);
+    std::memcpy(&f, &u, 4);
+  } else if (e == 0) {  // zero / subnormal: m · 2^-24
+    f = std::ldexp(float(m), -24);
+    if (sign) f = -f;
+  } else {
+    const uint32_t u = sign | ((e + 112u) << 23) | (m << 13);
+    std::memcpy(&f, &u, 4);
+  }
+  return f;
+}
+TIKE_INLINE half_t float_to_half(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const float a = std::fabs(f);
+  if (a != a) return {uint16_t(sign | 0x7e00u)};
+  if (a >= 65520.f) return {uint16_t(sign | 0x7c00u)};
+  if (a < 6.103515625e-05f) return {uint16_t(sign | uint16_t(std::nearbyint(a * 16777216.f)))};
+  uint32_t v;
+  std::memcpy(&v, &a, 4);
+  v += 0xfffu + ((v >> 13) & 1u);
+  return {uint16_t(sign | uint16_t((v >> 13) - (112u << 10)))};
+}
+#endif
+
 TIKE_INLINE float load_one(const void* row, DType dt, int64_t j) {
   switch (dt) {
     case DType::Float32: return static_cast<const float*>(row)[j];
     case DType::BFloat16: return bf16_to_float(static_cast<const uint16_t*>(row)[j]);
-    default: return float(static_cast<const _Float16*>(row)[j]);
+    default: return half_to_float(static_cast<const half_t*>(row)[j]);
   }
 }
 
@@ -220,8 +271,8 @@ TIKE_INLINE void load_tile(const void* row, DType dt, int64_t j0, int n, float* 
       break;
     }
     default: {
-      const _Float16* s = static_cast<const _Float16*>(row) + j0;
-      for (int i = 0; i < n; ++i) buf[i] = float(s[i]);
+      const half_t* s = static_cast<const half_t*>(row) + j0;
+      for (int i = 0; i < n; ++i) buf[i] = half_to_float(s[i]);
     }
   }
   for (int i = n; i < S::padded(n); ++i) buf[i] = pad;
@@ -257,8 +308,8 @@ TIKE_INLINE void store_tile(void* row, DType dt, int64_t j0, int n, const float*
       break;
     }
     default: {
-      _Float16* d = static_cast<_Float16*>(row) + j0;
-      for (int i = 0; i < n; ++i) d[i] = _Float16(buf[i]);
+      half_t* d = static_cast<half_t*>(row) + j0;
+      for (int i = 0; i < n; ++i) d[i] = float_to_half(buf[i]);
     }
   }
 }
