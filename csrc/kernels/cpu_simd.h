@@ -85,7 +85,6 @@ struct Simd {
   }
   static TIKE_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
   static TIKE_INLINE vf max(vf a, vf b) { return a > b ? a : b; }
-
   // 2^y to ~2 ulp for y <= 127: 2^n · 2^f with n = round(y), f in [−1/2, 1/2] and a
   // degree-6 polynomial for 2^f. Callers fold log2(e) into their scale, so an exp costs
   // one multiply less than exp(x) would. 2^y below the float range (and y = −inf) is
@@ -121,6 +120,11 @@ struct Simd {
   static TIKE_INLINE float hmax(vf v) {
     float m = v[0];
     for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+  }
+  static TIKE_INLINE float hmin(vf v) {
+    float m = v[0];
+    for (int i = 1; i < W; ++i) m = v[i] < m ? v[i] : m;
     return m;
   }
   static TIKE_INLINE bool any(vi m) {
@@ -325,6 +329,35 @@ TIKE_INLINE void* row_ptr(void* base, DType dt, const RowLayout& l, int64_t n) {
   return static_cast<char*>(base) + l.offset(n) * elem_size(dt);
 }
 
+// Software prefetch of the next tile of a row, spread over the compute loop of the current
+// one: a pass then overlaps its memory traffic with the exponentials instead of
+// alternating between waiting for a tile (the hardware prefetcher runs only a few lines
+// ahead) and computing on it.
+struct NextTile {
+  const char* p = nullptr;  // the next tile's first byte; null: nothing to prefetch
+  int esize = 0;            // bytes per element
+  bool write = false;       // the next tile will be written (a gradient row)
+  // For the elements of the vector at float index i of the current tile.
+  TIKE_INLINE void at(int i) const {
+    if (p == nullptr) return;
+    if (write)
+      __builtin_prefetch(p + int64_t(i) * esize, 1, 3);
+    else
+      __builtin_prefetch(p + int64_t(i) * esize, 0, 3);
+  }
+};
+// The tile after [j0, j0 + kTile) of a row (none past the row's end).
+TIKE_INLINE NextTile next_tile(const void* row, DType dt, int64_t j0, int64_t V,
+                               bool write = false) {
+  NextTile t;
+  if (j0 + kTile < V) {
+    t.esize = int(elem_size(dt));
+    t.p = static_cast<const char*>(row) + (j0 + kTile) * t.esize;
+    t.write = write;
+  }
+  return t;
+}
+
 // Max over a padded tile; `nan` is set when any element is NaN (max alone would hide it).
 template <class S>
 TIKE_INLINE float tile_max(const float* buf, int n, bool& nan) {
@@ -342,11 +375,15 @@ TIKE_INLINE float tile_max(const float* buf, int n, bool& nan) {
 // Σ exp((x − M)·s) over a padded tile (−inf padding contributes 0). x − M is formed
 // before scaling, so neither a large M nor a large s overflows.
 template <class S>
-TIKE_INLINE float tile_sumexp(const float* buf, int n, float M, float s) {
+TIKE_INLINE float tile_sumexp(const float* buf, int n, float M, float s,
+                              const NextTile& next = NextTile{}) {
   typename S::vf acc = typename S::vf{};
   const typename S::vf vM = S::splat(M);
   const float c = s * kLog2e;
-  for (int i = 0; i < n; i += S::kLanes) acc += S::exp2((S::load(buf + i) - vM) * c);
+  for (int i = 0; i < n; i += S::kLanes) {
+    next.at(i);
+    acc += S::exp2((S::load(buf + i) - vM) * c);
+  }
   return S::hsum(acc);
 }
 
@@ -382,10 +419,10 @@ struct OnlineLse {
   }
 
   // Returns the tile max; the caller may reuse it.
-  TIKE_INLINE float add_tile(const float* buf, int n, float s) {
+  TIKE_INLINE float add_tile(const float* buf, int n, float s, const NextTile& next = NextTile{}) {
     const float tm = tile_max<S>(buf, n, nan);
     raise_max(tm, s);
-    if (M > -kInf && M < kInf) sum += tile_sumexp<S>(buf, n, M, s);
+    if (M > -kInf && M < kInf) sum += tile_sumexp<S>(buf, n, M, s, next);
     return tm;
   }
   TIKE_INLINE bool bad() const { return nan || M == kInf; }

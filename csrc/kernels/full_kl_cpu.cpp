@@ -47,20 +47,30 @@ TIKE_INLINE void forward_row(const FullKlForwardArgs& a, int64_t r, float* zb, f
     const double f = lp.raise_max(tm, s);  // dz_v of earlier terms drop by ΔM/τ
     if (lp.M != M0 && S0 > 0.0) X = f * (X + S0 * (double(M0) - double(lp.M)) * s);
     if (!(lp.M > -kInf && lp.M < kInf)) continue;
-    const vf vM = S::splat(lp.M), vR = S::splat(Rq), ninf = S::splat(-kInf);
+    const vf vM = S::splat(lp.M), vR = S::splat(Rq);
     const float c = s * kLog2e;
     vf se = vf{}, sx = vf{};
+    // Min of zr over the lanes where z > −inf (0·(z − M) is NaN where z = −inf, and a NaN
+    // never wins the min): −inf there means q_v = 0 < p_v. Float ops only: GCC 12 lowers
+    // the integer-mask version of this test element by element on AVX-512.
+    vf q_min = S::splat(kInf);
+    const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
+    const NextTile next_q = next_tile(qrow, a.dtype, j0, a.V);
     for (int i = 0; i < npad; i += S::kLanes) {
+      next_z.at(i);
+      next_q.at(i);
       const vf zi = S::load(z + i), qi = S::load(q + i), d = zi - vM, e = S::exp2(d * c);
       se += e;
-      // e = 0 terms (z far below its max, or −inf) count 0, even where zr = −inf too;
-      // but q_v = 0 < p_v (zr = −inf, z finite) makes the KL +inf even when p_v
-      // underflows in float.
+      // e = 0 terms (z far below its max, or −inf) count 0, even where zr = −inf too.
       // (e/τ)·(zr − R) before a sum: (zr − R)/τ alone overflows for zr = −FLT_MAX (a
       // common mask value) while its product with e may not.
-      const vf es = e * s, t = e != 0.f ? es * d - es * (qi - vR) : vf{};
-      sx += (qi == ninf) & (zi > ninf) ? S::splat(kInf) : t;
+      const vf es = e * s;
+      sx += e != 0.f ? es * d - es * (qi - vR) : vf{};
+      const vf qz = qi + d * 0.f;
+      q_min = qz < q_min ? qz : q_min;
     }
+    // q_v = 0 < p_v makes the KL +inf, also where p_v underflows in float (e = 0).
+    if (S::hmin(q_min) == -kInf) X = double(kInf);
     lp.sum += S::hsum(se);
     X += S::hsum(sx);
   }
@@ -95,7 +105,13 @@ TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb,
     } else {
       const float* z = tile_src<S>(zrow, a.dtype, j0, n, zb);
       const float* q = tile_src<S>(qrow, a.dtype, j0, n, qb, 0.f);
+      const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
+      const NextTile next_q = next_tile(qrow, a.dtype, j0, a.V);
+      const NextTile next_g = next_tile(grow, a.dtype, j0, a.V, true);
       for (int i = 0; i < npad; i += S::kLanes) {
+        next_z.at(i);
+        next_q.at(i);
+        next_g.at(i);
         const vf dz = (S::load(z + i) - vMp) * s, p = S::exp(dz - vlp);
         const vf g = (p * (dz - dl) - (p * s) * (S::load(q + i) - vMq)) * gs;
         S::store(out + i, p != 0.f ? g : vf{});

@@ -25,7 +25,7 @@ TIKE_INLINE void forward_row(const TokenLogprobsForwardArgs& a, int64_t r, float
     const int npad = S::padded(n);
     const float* z = tile_src<S>(zrow, a.dtype, j0, n, zb);
     if (!a.entropy) {
-      lp.add_tile(z, npad, s);
+      lp.add_tile(z, npad, s, next_tile(zrow, a.dtype, j0, a.V));
       continue;
     }
     const float tm = tile_max<S>(z, npad, lp.nan);
@@ -36,7 +36,9 @@ TIKE_INLINE void forward_row(const TokenLogprobsForwardArgs& a, int64_t r, float
     if (!(lp.M > -kInf && lp.M < kInf)) continue;
     const vf vM = S::splat(lp.M);
     vf se = vf{}, sr = vf{};
+    const NextTile next = next_tile(zrow, a.dtype, j0, a.V);
     for (int i = 0; i < npad; i += S::kLanes) {
+      next.at(i);
       const vf d = (S::load(z + i) - vM) * s, e = S::exp(d);
       se += e;
       sr += e != 0.f ? e * d : vf{};
@@ -68,7 +70,11 @@ TIKE_INLINE void backward_row(const TokenLogprobsBackwardArgs& a, int64_t r, flo
     const float* z = tile_src<S>(zrow, a.dtype, j0, n, zb);
     float* out = tile_dst<S>(grow, a.dtype, j0, n, zb);
     // −(1/τ) p_j [g_lp + g_H (log p_j + H)]; the token's +g_lp/τ is added below
+    const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
+    const NextTile next_g = next_tile(grow, a.dtype, j0, a.V, true);
     for (int i = 0; i < npad; i += S::kLanes) {
+      next_z.at(i);
+      next_g.at(i);
       const vf lpj = (S::load(z + i) - vM) * s - vl, p = S::exp(lpj);
       const vf gj = p * (g_h * (lpj + H) + g_lp) * -s;
       S::store(out + i, p != 0.f ? gj : vf{});

@@ -33,14 +33,15 @@ inline bool ranks_below(const Cand& a, const Cand& b) {
 // appended to a buffer (branch-free), and when the buffer holds `cap` candidates a
 // selection cuts it back to the k best and raises the threshold. So a value costs one
 // compare, and the selections cost O(cap) each, ~k·ln(V/k)/(cap − k) times a row: no heap
-// update per admitted value. A newcomer equal to the threshold comes at a higher index
+// update per admitted value. cap = 2k (k + 64 at least) keeps the threshold fresh: with a
+// stale one most 64-value blocks of a row pass the block-max test and are scanned. A newcomer equal to the threshold comes at a higher index
 // than every kept value and ranks below them: the strict compare rejects it. The first k
 // values of a row are taken unconditionally, so a row with fewer than k finite values
 // (masked vocabularies, NaN) still fills S in index order.
 class TopK {
  public:
   explicit TopK(int64_t k)
-      : k_(k), cap_(std::max<int64_t>(2 * k, k + 1024)), buf_(size_t(cap_ + kBlock)) {}
+      : k_(k), cap_(k + std::max<int64_t>(k, kBlock)), buf_(size_t(cap_ + kBlock)) {}
   void clear() {
     n_ = 0;
     thr_ = -kInf;
@@ -133,7 +134,8 @@ TIKE_INLINE LsePair scan_policy_row(const void* zrow, DType dt, int64_t V, float
     }
     lse.nan |= S::any(bad);
     lse.raise_max(S::hmax(tmax), s);
-    if (lse.M > -kInf && lse.M < kInf) lse.sum += tile_sumexp<S>(x, npad, lse.M, s);
+    if (lse.M > -kInf && lse.M < kInf)
+      lse.sum += tile_sumexp<S>(x, npad, lse.M, s, next_tile(zrow, dt, j0, V));
 
     for (int b = 0; b < nblocks; ++b) {
       const int64_t jb = j0 + b * kBlock;
@@ -176,7 +178,7 @@ TIKE_INLINE RefPass scan_reference_row(const void* zrow, const void* qrow, DType
     const int n = int(std::min<int64_t>(kTile, V - j0));
     const int npad = S::padded(n);
     const float* q = tile_src<S>(qrow, dt, j0, n, qb);
-    lq.add_tile(q, npad, s);
+    lq.add_tile(q, npad, s, next_tile(qrow, dt, j0, V));
     if (!tail) continue;
     const float* z = tile_src<S>(zrow, dt, j0, n, zb);
     const size_t first = sup;
@@ -189,7 +191,7 @@ TIKE_INLINE RefPass scan_reference_row(const void* zrow, const void* qrow, DType
       z = zb;
     }
     tq.add_tile(q, npad, s);
-    tp.add_tile(z, npad, s);
+    tp.add_tile(z, npad, s, next_tile(zrow, dt, j0, V));
   }
   RefPass out;
   out.lse_q = lq.pair();
@@ -301,8 +303,13 @@ TIKE_INLINE void backward_row(const TopkKlBackwardArgs& a, int64_t r, Scratch& s
       const float p = S::exp2(S::splat((xj - M) * c) - vl)[0];
       patch[sup - first] = p != 0.f ? g * p * (coef[sc.support[sup].second] - sh) : 0.f;
     }
-    for (int i = 0; i < npad; i += S::kLanes)
+    const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
+    const NextTile next_g = next_tile(grow, a.dtype, j0, a.V, true);
+    for (int i = 0; i < npad; i += S::kLanes) {
+      next_z.at(i);
+      next_g.at(i);
       S::store(out + i, S::exp2((S::load(x + i) - vM) * c - vl) * dense);
+    }
     for (size_t e = first; e < sup; ++e) out[sc.support[e].first - j0] = patch[e - first];
     finish_tile(grow, a.dtype, j0, n, out, buf);
   }
