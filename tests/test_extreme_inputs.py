@@ -190,3 +190,18 @@ def test_full_kl_is_inf_where_q_is_zero_and_p_is_not(device, gen):
     # row 3's gradient (rows 0 and 1, at +inf, have none to compare)
     assert_grads(_grad(out[3], z, torch.ones(()))[3], _grad(exp[3], z64, torch.ones(()))[3],
                  torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [16, 300, 1000])
+def test_topk_selection_with_many_ties(device, k, gen):
+    """Logits on a coarse grid (thousands of ties, as bf16 rounding gives), NaN and −inf:
+    S is the k largest, ties to the lower index, NaN as −inf (reference.topk_indices)."""
+    N, V = 4, 20000
+    z = (torch.randn(N, V, generator=gen) * 3).round().to(device, torch.bfloat16)
+    z[1, ::3] = float("-inf")
+    z[2, 100:200] = float("nan")
+    z[3, : V - k // 2] = float("-inf")  # fewer than k finite values
+    zr = torch.zeros_like(z)
+    idx = torch.ops.tike_cuda.topk_kl(z, zr, k, None, None, None, 1.0, True, False)[2]
+    assert torch.equal(idx.cpu(), topk_indices(z.cpu(), k).to(torch.int32))

@@ -9,6 +9,7 @@
 #include "topk_kl_cpu.h"
 
 #include <algorithm>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -30,7 +31,7 @@ inline bool ranks_below(const Cand& a, const Cand& b) {
 
 // The k best values of a row (ties to the lower index, NaN as −inf), scanned in index
 // order: every value above the threshold — the k-th best kept after the last prune — is
-// appended to a buffer (branch-free), and when the buffer holds `cap` candidates a
+// appended to a buffer, and when the buffer holds `cap` candidates a
 // selection cuts it back to the k best and raises the threshold. So a value costs one
 // compare, and the selections cost O(cap) each, ~k·ln(V/k)/(cap − k) times a row: no heap
 // update per admitted value. cap = 2k (k + 64 at least) keeps the threshold fresh: with a
@@ -51,14 +52,24 @@ class TopK {
 
   // Offers x[0, n) (indices j0 + i, all >= k): those above the threshold.
   void offer_block(const float* x, int n, int32_t j0) {
-    Cand* out = buf_.data() + n_;
     const float t = thr_;
-    int c = 0;
-    for (int i = 0; i < n; ++i) {
-      out[c] = {x[i], j0 + i};
-      c += x[i] > t;
+    for (int i = 0; i < n; ++i)
+      if (x[i] > t) buf_[size_t(n_++)] = {x[i], j0 + i};
+    if (n_ >= cap_) prune(k_);
+  }
+  // Offers a whole block of kBlock values laid out as kBlock/W vectors of W lanes, with
+  // lane_max[l] the max of lane l over those vectors: only the lanes whose max is above the
+  // threshold are looked at. Admission order within a block does not matter: the
+  // threshold stays the one from before the block (a value equal to it comes after the
+  // k-th best kept and ranks below it), and the selection orders by (value, index).
+  template <int W>
+  void offer_lanes(const float* x, const float* lane_max, int32_t j0) {
+    const float t = thr_;
+    for (int l = 0; l < W; ++l) {
+      if (!(lane_max[l] > t)) continue;
+      for (int i = l; i < kBlock; i += W)
+        if (x[i] > t) buf_[size_t(n_++)] = {x[i], j0 + i};
     }
-    n_ += c;
     if (n_ >= cap_) prune(k_);
   }
   // Takes x[0, n) (indices j0 + i) unconditionally, NaN as −inf.
@@ -69,23 +80,38 @@ class TopK {
   // Writes the k best indices, best first (value desc, index asc).
   void write_sorted(int32_t* out) {
     const int64_t k = std::min(k_, n_);
-    prune(k);
+    select_exact(k);
     std::sort(buf_.begin(), buf_.begin() + k, ranks_above);
     for (int64_t s = 0; s < k; ++s) out[s] = buf_[size_t(s)].i;
   }
 
  private:
   static bool ranks_above(const Cand& a, const Cand& b) { return ranks_below(b, a); }
+  // Keeps the k best by (value, index).
+  void select_exact(int64_t k) {
+    if (n_ <= k) return;
+    std::nth_element(buf_.begin(), buf_.begin() + (k - 1), buf_.begin() + n_, ranks_above);
+    n_ = k;
+  }
+  // Raises the threshold to the k-th largest value t and keeps every candidate >= t (k or
+  // a few more on ties): a selection over plain floats, several times cheaper than one
+  // over (value, index) pairs. Many ties (bf16 rows) fall back to the exact selection.
   void prune(int64_t k) {
-    if (n_ > k) {
-      std::nth_element(buf_.begin(), buf_.begin() + (k - 1), buf_.begin() + n_, ranks_above);
-      n_ = k;
-    }
-    thr_ = std::max(thr_, buf_[size_t(k - 1)].v);
+    vals_.resize(size_t(n_));
+    for (int64_t i = 0; i < n_; ++i) vals_[size_t(i)] = buf_[size_t(i)].v;
+    std::nth_element(vals_.begin(), vals_.begin() + (k - 1), vals_.end(), std::greater<float>());
+    const float t = vals_[size_t(k - 1)];
+    int64_t m = 0;
+    for (int64_t i = 0; i < n_; ++i)
+      if (buf_[size_t(i)].v >= t) buf_[size_t(m++)] = buf_[size_t(i)];
+    n_ = m;
+    if (n_ >= cap_) select_exact(k);
+    thr_ = std::max(thr_, t);
   }
   int64_t k_, cap_, n_ = 0;
   float thr_ = -kInf;
   std::vector<Cand> buf_;
+  std::vector<float> vals_;
 };
 
 struct Scratch {
@@ -114,6 +140,7 @@ TIKE_INLINE LsePair scan_policy_row(const void* zrow, DType dt, int64_t V, float
   topk.clear();
   float* buf = sc.zbuf.data();
   float bmax[kTile / kBlock];
+  alignas(64) float lane_max[kTile];  // per block, the max of each lane over its vectors
   for (int64_t j0 = 0; j0 < V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, V - j0));
     const int npad = S::padded(n);
@@ -129,6 +156,7 @@ TIKE_INLINE LsePair scan_policy_row(const void* zrow, DType dt, int64_t V, float
         m = S::max(v, m);  // a NaN v keeps m: NaN ranks as −inf
         bad |= (v != v);
       }
+      S::store(lane_max + b * S::kLanes, m);
       bmax[b] = S::hmax(m);
       tmax = S::max(tmax, m);
     }
@@ -143,6 +171,10 @@ TIKE_INLINE LsePair scan_policy_row(const void* zrow, DType dt, int64_t V, float
       const int len = std::min(n, (b + 1) * kBlock) - b * kBlock;
       const float* xb = x + b * kBlock;
       const int take = int(std::clamp<int64_t>(topk.k() - jb, 0, len));  // j < k: always in
+      if (take == 0 && len == kBlock) {
+        topk.template offer_lanes<S::kLanes>(xb, lane_max + b * S::kLanes, int32_t(jb));
+        continue;
+      }
       if (take > 0) topk.take_block(xb, take, int32_t(jb));
       if (take < len) topk.offer_block(xb + take, len - take, int32_t(jb + take));
     }
