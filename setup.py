@@ -111,6 +111,10 @@ setup(
     extras_require={
         "analysis": ["matplotlib", "tqdm", "safetensors"],
         "test": ["pytest", "hypothesis", "matplotlib", "tqdm", "safetensors"],
+        # tike_cuda.integrations.trl reads trl's GRPOTrainer internals: the versions its
+        # tests pass with (tests/test_trl.py), peft for the adapter-as-reference path.
+        "trl": ["trl==1.16.0", "transformers==5.24.0", "tokenizers==0.23.3", "datasets==5.2.0",
+                "accelerate==1.15.0", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["tike-cuda=tike_cuda.__main__:main"]},
     zip_safe=False,

@@ -7,6 +7,7 @@
 #   TORCH_SPEC=...      the torch requirement                 (default: torch==2.14.1)
 #   TIKE_CUDA=0|1       force the CUDA part off/on            (default: on when nvcc exists)
 #   MAX_JOBS=N          parallel compile jobs                 (default: 2)
+#   TIKE_TRL=0          skip the [trl] extra (trl, transformers, datasets, peft)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,4 +26,9 @@ python -m pip install --quiet --disable-pip-version-check \
 # matches the torch it runs with.
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install --quiet --disable-pip-version-check \
   --no-build-isolation --no-deps .
+# The [trl] extra (TRL integration; tests/test_trl.py), at the versions setup.py pins; read
+# from the installed package's metadata, so nothing is built twice. TIKE_TRL=0 skips it.
+if [ "${TIKE_TRL:-1}" != "0" ]; then
+  python -m pip install --quiet --disable-pip-version-check "tike_cuda[trl]"
+fi
 python -c "import tike_cuda; print('tike_cuda', tike_cuda.__version__, '| CUDA kernels built:', tike_cuda.built_with_cuda())"

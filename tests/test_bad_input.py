@@ -107,9 +107,13 @@ def test_bad_temperature(z, zr, t):
 
 
 def test_mask_wrong_dtype_or_shape(z, zr):
-    with pytest.raises(TypeError, match="mask"):
-        tike_cuda.full_kl(z, zr, mask=torch.ones(3))
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(TypeError, match="mask must be a bool tensor, or an integer or floating"):
+        tike_cuda.full_kl(z, zr, mask=torch.ones(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="mask must be a bool tensor.*got the value 0.5"):
+        tike_cuda.full_kl(z, zr, mask=torch.tensor([1.0, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="mask must be a bool tensor.*got the value 2"):
+        tike_cuda.token_logprobs(z, torch.zeros(3, dtype=torch.long), mask=torch.tensor([1, 2, 0]))
+    with pytest.raises(ValueError, match="mask must have shape"):
         tike_cuda.topk_kl(z, zr, mask=torch.ones(3, 1, dtype=torch.bool))
 
 

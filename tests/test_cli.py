@@ -132,3 +132,96 @@ def test_synthetic_is_seeded_and_lm_like():
     assert 1e-4 < kl.median() < 1e-1
     lp_o = lp.gather(-1, a["tokens"][:, None]).squeeze(-1)
     assert (lp_o - a["old_logprobs"]).abs().max() < 0.2
+
+
+def _one_error_line(err: str, *needles):
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def test_float64_logits_file_is_read_as_float32(tmp_path, capsys):
+    d = synthetic_batch(12, 80, seed=2)
+    path = tmp_path / "f64.pt"
+    torch.save({"logits": d["logits"].double(), "ref_logits": d["ref_logits"].double()}, path)
+    assert load_logits(path)["logits"].dtype == torch.float32
+    assert main(["audit", str(path), "--out", str(tmp_path / "a"), "--ks", "4,16",
+                 "--quiet"]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
+def test_default_ks_above_the_vocabulary_are_skipped(tmp_path, capsys):
+    d = synthetic_batch(12, 100, seed=2)
+    path = save_logits(tmp_path / "v100.pt", logits=d["logits"], ref_logits=d["ref_logits"])
+    assert main(["audit", str(path), "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    cap = capsys.readouterr()
+    assert "the default --ks sweep skips k = 256" in cap.err and "v100.pt" in cap.err
+    assert "| 64 |" in cap.out and "| 256 |" not in cap.out
+    # a k the user asked for is not silently changed
+    assert main(["audit", str(path), "--out", str(tmp_path / "a"), "--ks", "16,256",
+                 "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "v100.pt", "--ks 16,256", "between 1 and 100")
+    assert main(["audit", str(path), "--out", str(tmp_path / "a"), "--k", "101",
+                 "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "v100.pt", "--k 101")
+
+
+def test_small_vocabulary_clips_the_default_k(tmp_path, capsys):
+    d = synthetic_sequences(6, 3, 10, seed=1)
+    path = save_logits(tmp_path / "v10.pt", **d)
+    assert main(["variance", str(path), "--out", str(tmp_path / "v"), "--boot", "5",
+                 "--num-m", "2", "--quiet"]) == 0
+    cap = capsys.readouterr()
+    assert "using k = 10" in cap.err and "tike10" in cap.out
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "the file is empty (0 bytes)"),
+    (b"\x00garbage, not a torch.save archive" * 10, "cannot read as a .pt file"),
+])
+@pytest.mark.parametrize("command", ["audit", "variance"])
+def test_empty_or_corrupt_file_is_one_error_line(tmp_path, capsys, content, needle, command):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(content)
+    assert main([command, str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    line = _one_error_line(capsys.readouterr().err, str(path), needle, "save_logits")
+    assert "mmap" not in line
+
+
+def test_truncated_archive_is_one_error_line(tmp_path, capsys):
+    d = synthetic_batch(8, 50, seed=0)
+    path = save_logits(tmp_path / "cut.pt", logits=d["logits"], ref_logits=d["ref_logits"])
+    path.write_bytes(path.read_bytes()[:300])
+    assert main(["audit", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, str(path), "cannot read")
+
+
+def test_bad_mask_in_a_file(tmp_path, capsys):
+    d = synthetic_batch(4, 50, seed=0)
+    path = tmp_path / "mask.pt"
+    torch.save({"logits": d["logits"], "ref_logits": d["ref_logits"],
+                "mask": torch.tensor([1, 0, 2, 1])}, path)
+    assert main(["audit", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, str(path), "key 'mask' must be a bool tensor")
+
+
+def test_without_matplotlib_or_tqdm(tmp_path, capsys, monkeypatch):
+    """A plain `pip install .` has neither: the figure is skipped with a warning naming the
+    extra to install, progress bars are silent, the CSVs are written, exit status 0."""
+    for name in ("matplotlib", "matplotlib.pyplot", "tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ModuleNotFoundError
+    f = save_logits(tmp_path / "s.pt", **synthetic_sequences(8, 4, 200, seed=0))
+    assert main(["audit", str(f), "--out", str(tmp_path / "a"), "--ks", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: matplotlib is not installed" in err and "tike_cuda[analysis]" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "a" / "s_audit.csv").is_file()
+    assert not (tmp_path / "a" / "s_audit.png").exists()
+    assert main(["variance", str(f), "--out", str(tmp_path / "v"), "--boot", "5",
+                 "--num-m", "2", "--k", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "variance.png not written" in err and "tike_cuda[analysis]" in err
+    assert (tmp_path / "v" / "bootstrap.csv").is_file()

@@ -191,3 +191,25 @@ def test_reference_gets_no_gradient():
     x = z.clone().requires_grad_()
     per_token_kl(x, zr, "k3", sampled_tokens=torch.tensor([1, 2])).sum().backward()
     assert zr.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("alias,name", [("kl", "k1"), ("mse", "k2")])
+def test_one_list_of_names(alias, name):
+    """kl_penalty and per_token_kl accept the same names, verl's aliases included."""
+    z, zr = _pair(rows=3, vocab=16, seed=8)
+    tok = torch.tensor([1, 5, 9])
+    torch.testing.assert_close(per_token_kl(z, zr, alias, sampled_tokens=tok),
+                               per_token_kl(z, zr, name, sampled_tokens=tok))
+    lp, lq = torch.randn(5), torch.randn(5)
+    torch.testing.assert_close(kl_penalty(lp, lq, alias), kl_penalty(lp, lq, name))
+
+
+def test_unknown_names_one_message():
+    lp = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"kind must be one of 'k1', 'abs', 'k2', 'k3', "
+                                         r"'low_var_kl' \(aliases: 'kl' = 'k1', 'mse' = 'k2'\)"):
+        kl_penalty(lp, lp, "full")  # a dense estimator needs logits, not log-probs
+    z, zr = _pair(rows=2, vocab=10)
+    with pytest.raises(ValueError, match=r"estimator must be one of 'k1', .*'tike_bucket' "
+                                         r"\(aliases: 'kl' = 'k1', 'mse' = 'k2'\), got 'k5'"):
+        per_token_kl(z, zr, "k5", sampled_tokens=torch.zeros(2, dtype=torch.long))

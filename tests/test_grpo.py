@@ -47,19 +47,37 @@ MASK = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
 
 
 @pytest.mark.parametrize("mode,want", [("token-mean", 7 / 3),
+                                       ("token-sum", 7.0),
                                        ("seq-mean-token-mean", (1.5 + 4.0) / 2),
-                                       ("seq-mean-token-sum", (3.0 + 4.0) / 2)])
+                                       ("seq-mean-token-sum", (3.0 + 4.0) / 2),
+                                       ("seq-mean-token-sum-norm", (3.0 + 4.0) / 2 / 3)])
 def test_aggregate_modes(mode, want):
-    assert aggregate(LOSS, MASK, mode).item() == pytest.approx(want)
-    assert aggregate(LOSS, MASK.float(), mode).item() == pytest.approx(want)
+    """verl's agg_loss on one rank (dp_size 1): the values worked out by hand."""
+    for mask in (MASK, MASK.float(), MASK.long(), MASK.int()):  # every mask dtype, one rule
+        assert aggregate(LOSS, mask, mode).item() == pytest.approx(want)
     assert aggregate(LOSS, torch.zeros_like(MASK), mode).item() == 0.0
 
 
+def test_token_sum_norm_scale_factor():
+    got = aggregate(LOSS, MASK, "seq-mean-token-sum-norm", loss_scale_factor=7.0)
+    assert got.item() == pytest.approx((3.0 + 4.0) / 2 / 7.0)
+
+
 def test_aggregate_errors():
-    with pytest.raises(ValueError, match="mode"):
-        aggregate(LOSS, MASK, "token-sum")
+    with pytest.raises(ValueError, match="mode must be one of .*'token-sum'"):
+        aggregate(LOSS, MASK, "token-median")
     with pytest.raises(ValueError, match="mask"):
         aggregate(LOSS, MASK[:2], "token-mean")
+    with pytest.raises(ValueError, match="mask must be a bool tensor, or an integer or floating"):
+        aggregate(LOSS, MASK.float() * 0.5, "token-mean")
+
+
+def test_group_size_accepts_numpy_integers():
+    np = pytest.importorskip("numpy")
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    torch.testing.assert_close(group_advantages(r, np.int64(2)), group_advantages(r, 2))
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(r, True)
 
 
 def test_grpo_loss_matches_formula_and_backprops():
@@ -69,7 +87,8 @@ def test_grpo_loss_matches_formula_and_backprops():
     adv = group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2)
     kl = torch.rand(4, 5, generator=g)
     mask = torch.rand(4, 5, generator=g) > 0.3
-    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+    for mode in ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
+                 "seq-mean-token-sum-norm"):
         loss, metrics = grpo_loss(lp, old, adv, kl, mask, beta=0.1, loss_agg_mode=mode)
         surr = clipped_surrogate(lp, old, adv[:, None])
         want = aggregate(-(surr - 0.1 * kl), mask, mode)

@@ -85,3 +85,14 @@ def test_missing_cuda_kernel_is_a_clear_error():
     z = torch.randn(2, 10, device="cuda")
     with pytest.raises(NotImplementedError, match="tike_cuda::topk_kl"):
         tike_cuda.topk_kl(z, z, 2)
+
+
+def test_topk_stats_load_with_weights_only(tmp_path, gen):
+    """TopkStats is allowlisted: torch.load(weights_only=True) gives it back."""
+    z = make_logits((3, 40), torch.float32, "cpu", generator=gen)
+    _, stats = tike_cuda.topk_kl(z, z + 0.1, 4, return_stats=True)
+    torch.save({"stats": stats}, tmp_path / "s.pt")
+    back = torch.load(tmp_path / "s.pt", weights_only=True)["stats"]
+    assert isinstance(back, tike_cuda.TopkStats)
+    for a, b in zip(back, stats):
+        assert torch.equal(a, b)

@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto c = prepare_topk_kl_forward(logits, ref, k, sampled, old_lp, mask, temperature,
                                          union_sampled, tail_bucket);
   // On the CPU a range check is cheap (no device sync): an out-of-range token is an error.
-  if (c.tokens.has_value()) check_token_range(*c.tokens, c.args.V, "sampled_tokens");
+  if (c.tokens.has_value()) check_token_range(*c.tokens, c.args.V, "sampled_tokens", c.mask);
   at::parallel_for(0, c.args.N, cpu_grain_rows(c.args.V),
                    [&](int64_t b, int64_t e) { cpu::topk_kl_forward_rows(c.args, b, e); });
   return c.outputs();

@@ -26,20 +26,19 @@ is not allowed.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
-import math
 import platform
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import eager
+from . import eager, report
+from .measure import Timer, peak_extra_mib, percentile, proc_status_kib
+from .report import progress
 
 OPS = ("topk_kl", "full_kl", "token_logprobs")
 MODES = ("fwd", "fwdbwd")
@@ -221,50 +220,6 @@ def build_call(provider: str, case: Case, inp: Inputs, device: torch.device) -> 
 
 # ----------------------------------------------------------------------------- measuring
 
-class Timer:
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.flush = None
-        if device.type == "cuda":
-            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-            self.flush = torch.empty(2 * max(l2, 1 << 20), dtype=torch.uint8, device=device)
-            self.start = torch.cuda.Event(enable_timing=True)
-            self.end = torch.cuda.Event(enable_timing=True)
-
-    def times_ms(self, fn: Callable, warmup: int, repeats: int) -> List[float]:
-        for _ in range(warmup):
-            out = fn()
-            del out
-        self.sync()
-        ts = []
-        for _ in range(repeats):
-            if self.flush is not None:
-                self.flush.zero_()
-                self.start.record()
-                out = fn()
-                self.end.record()
-                self.end.synchronize()
-                ts.append(self.start.elapsed_time(self.end))
-            else:
-                t0 = time.perf_counter()
-                out = fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            del out  # freed outside the timed region
-        return ts
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def percentile(xs: List[float], q: float) -> float:
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def copy_bandwidth(timer: Timer, nbytes: int) -> float:
     """Read + write bytes per second of dst.copy_(src), median of 10."""
     src = torch.ones(nbytes, dtype=torch.uint8, device=timer.device)
@@ -273,58 +228,13 @@ def copy_bandwidth(timer: Timer, nbytes: int) -> float:
     return 2 * nbytes / (percentile(ts, 0.5) * 1e-3)
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(field)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: VmHWM := VmRSS
-        return True
-    except OSError:
-        return False
-
-
-def peak_extra_mib(fn: Callable, device: torch.device) -> float:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        del out
-        return (peak - base) / 2**20
-    if not _reset_peak_rss():
-        return float("nan")
-    base = _proc_status_kib("VmRSS")
-    out = fn()
-    peak = _proc_status_kib("VmHWM")
-    del out
-    return max(peak - base, 0) / 1024
-
-
 def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        return _proc_status_meminfo("MemAvailable") * 1024
+        return proc_status_kib("MemAvailable", "/proc/meminfo") * 1024
     except OSError:
         return 1 << 62
-
-
-def _proc_status_meminfo(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(field)
 
 
 def environment(device: torch.device) -> Dict[str, str]:
@@ -402,23 +312,11 @@ def run(cases: List[Case], providers: List[str], device: torch.device, warmup: i
 
 
 def _progress(total: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-        return tqdm(total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-    except ImportError:
-        class _Bar:
-            def update(self, n): pass
-            def set_description(self, s): pass
-            def close(self): pass
-        return _Bar()
+    return progress(total=total, enabled=enabled)
 
 
 def write_csv(rows: List[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c]) for c in COLUMNS})
+    report.write_csv(rows, path, columns=COLUMNS, float_format=".6g")
 
 
 def markdown_table(rows: List[dict]) -> str:

@@ -15,18 +15,19 @@ the paper's table does.
 """
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import tike_cuda as _ops
 
+from . import _checks
+from .report import markdown_table, progress, pyplot, write_csv
+
 __all__ = ["TokenDiagnostics", "token_diagnostics", "audit_table", "audit_from_diagnostics",
-           "k_sweep_table", "markdown_table", "write_csv"]
+           "k_sweep_table", "plot_audit", "markdown_table", "write_csv"]
 
 _CHUNK_BYTES = 256 << 20  # logits + ref_logits read per chunk
 
@@ -55,9 +56,10 @@ def _flat_rows(logits, ref_logits, mask):
     z, zr = logits.reshape(-1, V), ref_logits.reshape(-1, V)
     if mask is None:
         return z, zr, None
-    if not isinstance(mask, torch.Tensor) or mask.shape != logits.shape[:-1]:
-        raise ValueError(f"mask must be a bool tensor of shape {tuple(logits.shape[:-1])}")
-    return z, zr, mask.reshape(-1).to(torch.bool)
+    mask = _checks.as_bool_mask(mask)
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"mask must have shape {tuple(logits.shape[:-1])}, got {tuple(mask.shape)}")
+    return z, zr, mask.reshape(-1)
 
 
 def chunk_bounds(n_rows: int, row_bytes: int, chunk_rows: int | None = None):
@@ -67,15 +69,8 @@ def chunk_bounds(n_rows: int, row_bytes: int, chunk_rows: int | None = None):
     return [(s, min(n_rows, s + chunk_rows)) for s in range(0, n_rows, chunk_rows)]
 
 
-def _progress(items, enabled, desc):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-    return tqdm(items, desc=desc, unit="chunk")
-
-
 def _scan(logits, ref_logits, ks, *, mask=None, temperature=1.0, chunk_rows=None,
-          device=None, progress=False):
+          device=None, show_progress=False):
     """Entropy, full KL and, per k, (m_k, D_k) for every unmasked position."""
     z, zr, m = _flat_rows(logits, ref_logits, mask)
     N, V = z.shape
@@ -88,7 +83,7 @@ def _scan(logits, ref_logits, ks, *, mask=None, temperature=1.0, chunk_rows=None
     acc.update({("kl", k): [] for k in ks})
     bounds = chunk_bounds(N, 2 * V * z.element_size(), chunk_rows)
     with torch.no_grad():
-        for s, e in _progress(bounds, progress, "audit"):
+        for s, e in progress(bounds, enabled=show_progress, desc="audit", unit="chunk"):
             zc, zrc = z[s:e].to(device), zr[s:e].to(device)
             mc = None if m is None else m[s:e].to(device)
             keep = slice(None) if mc is None else mc.cpu()
@@ -112,7 +107,7 @@ def token_diagnostics(logits, ref_logits, k: int = 16, *, mask=None, temperature
                       progress: bool = False) -> TokenDiagnostics:
     """m_k, D_k, D, xi_tail and H for every unmasked position of ``[..., V]`` logits."""
     c = _scan(logits, ref_logits, (k,), mask=mask, temperature=temperature,
-              chunk_rows=chunk_rows, device=device, progress=progress)
+              chunk_rows=chunk_rows, device=device, show_progress=progress)
     return TokenDiagnostics(k, c[("mass", k)], c[("kl", k)], c["kl_full"], c["entropy"])
 
 
@@ -162,7 +157,7 @@ def k_sweep_table(logits, ref_logits, ks=(16, 64, 256), *, mask=None, temperatur
     truncated and exact KL), from one pass over the rows for all k."""
     ks = tuple(int(k) for k in ks)
     c = _scan(logits, ref_logits, ks, mask=mask, temperature=temperature,
-              chunk_rows=chunk_rows, device=device, progress=progress)
+              chunk_rows=chunk_rows, device=device, show_progress=progress)
     rows = []
     for k in ks:
         xi = np.abs(c["kl_full"] - c[("kl", k)])
@@ -172,29 +167,24 @@ def k_sweep_table(logits, ref_logits, ks=(16, 64, 256), *, mask=None, temperatur
     return rows
 
 
-def _fmt(v):
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "—"
-        return f"{v:.4f}" if 1e-2 <= abs(v) < 1e4 or v == 0 else f"{v:.3g}"
-    return str(v)
-
-
-def markdown_table(rows: list) -> str:
-    """A GitHub-markdown table of a list of dicts (columns from the first row)."""
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_csv(rows: list, path) -> Path:
-    """Write a list of dicts as CSV (full float precision)."""
-    path = Path(path)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        w.writeheader()
-        w.writerows(rows)
+def plot_audit(diag: TokenDiagnostics, path, title: str = ""):
+    """Coverage histogram and |xi_tail| against m_k (coloured by entropy) as a PNG; without
+    matplotlib, a warning and None (report.pyplot)."""
+    plt = pyplot(path)
+    if plt is None:
+        return None
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a0.hist(diag.topk_mass, bins=50, color="tab:red", alpha=0.8)
+    a0.set_xlabel(f"top-{diag.k} mass m_{diag.k}")
+    a0.set_ylabel("positions")
+    pts = a1.scatter(diag.topk_mass, np.abs(diag.xi_tail) + 1e-12, s=4, alpha=0.4,
+                     c=diag.entropy, cmap="viridis")
+    fig.colorbar(pts, ax=a1, label="policy entropy (nats)")
+    a1.set_yscale("log")
+    a1.set_xlabel(f"m_{diag.k}")
+    a1.set_ylabel("|xi_tail| = |KL - KL_k|")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path

@@ -31,13 +31,28 @@ import torch
 
 import tike_cuda as _ops  # resolved at call time: the fused ops are defined by the package
 
-__all__ = ["kl_penalty", "per_token_kl", "KL_KINDS", "ESTIMATORS"]
+from . import _checks
 
-_CANONICAL = {"k1": "k1", "kl": "k1", "abs": "abs", "k2": "k2", "mse": "k2",
-              "k3": "k3", "low_var_kl": "low_var_kl"}
-KL_KINDS = tuple(_CANONICAL)
+__all__ = ["kl_penalty", "per_token_kl", "canonical_estimator", "KL_KINDS", "ESTIMATORS",
+           "SAMPLED_ESTIMATORS", "DENSE_ESTIMATORS", "ALIASES"]
+
+# The one list of estimator names, shared by kl_penalty and per_token_kl (and the CLI).
 SAMPLED_ESTIMATORS = ("k1", "abs", "k2", "k3", "low_var_kl")
-ESTIMATORS = SAMPLED_ESTIMATORS + ("full", "tike", "tike_bucket")
+DENSE_ESTIMATORS = ("full", "tike", "tike_bucket")
+ESTIMATORS = SAMPLED_ESTIMATORS + DENSE_ESTIMATORS
+ALIASES = {"kl": "k1", "mse": "k2"}  # verl's other names for the same estimators
+KL_KINDS = SAMPLED_ESTIMATORS + tuple(ALIASES)  # what kl_penalty accepts
+
+
+def canonical_estimator(name, *, sampled_only: bool = False, arg: str = "estimator") -> str:
+    """The canonical name of an estimator (aliases resolved); ValueError listing the names
+    for an unknown one. ``sampled_only``: only the sampled-token estimators (kl_penalty)."""
+    allowed = SAMPLED_ESTIMATORS if sampled_only else ESTIMATORS
+    if isinstance(name, str) and ALIASES.get(name, name) in allowed:
+        return ALIASES.get(name, name)
+    aliases = ", ".join(f"{a!r} = {c!r}" for a, c in ALIASES.items())
+    raise ValueError(f"{arg} must be one of {', '.join(map(repr, allowed))} (aliases: {aliases}), "
+                     f"got {name!r}")
 
 
 def _check_logprob_pair(logprob, ref_logprob):
@@ -79,12 +94,10 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str) -> t
 
     Raises ValueError for an unknown ``kind`` or mismatched shape/dtype/device.
     """
-    if not isinstance(kind, str) or kind not in _CANONICAL:
-        raise ValueError(f"kind must be one of {sorted(_CANONICAL)}, got {kind!r}")
+    kind = canonical_estimator(kind, sampled_only=True, arg="kind")
     _check_logprob_pair(logprob, ref_logprob)
     dtype = torch.promote_types(logprob.dtype, torch.float32)
     lp, lq = logprob.to(dtype), ref_logprob.to(dtype)
-    kind = _CANONICAL[kind]
     if kind == "k1":
         return lp - lq
     if kind == "abs":
@@ -121,15 +134,14 @@ def per_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, estimator: str,
       ``sampled_tokens`` (optional for the dense estimators) joins S~; ``old_logprobs``
       (rollout log-probs of the sampled tokens) gives TIKE its importance weight r.
 
-    ``mask`` (bool, ``logits.shape[:-1]``): False positions give 0 and a zero gradient;
-    their ``sampled_tokens`` may be padding (e.g. -100) and are not looked up.
+    ``estimator`` also accepts verl's aliases "kl" (= "k1") and "mse" (= "k2"), as
+    :func:`kl_penalty` does.
+
+    ``mask`` (bool, or 0/1 integer/float, ``logits.shape[:-1]``): masked positions give 0
+    and a zero gradient; their ``sampled_tokens`` may be padding (e.g. -100) and are not
+    looked up.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
-    if mask is not None and sampled_tokens is not None and isinstance(mask, torch.Tensor) \
-            and isinstance(sampled_tokens, torch.Tensor) and mask.shape == sampled_tokens.shape:
-        # padded positions often hold -100; any in-range id will do since they give 0
-        sampled_tokens = torch.where(mask, sampled_tokens, torch.zeros_like(sampled_tokens))
+    estimator = canonical_estimator(estimator)
     if estimator == "full":
         return _ops.full_kl(logits, ref_logits, temperature=temperature, mask=mask)
     if estimator in ("tike", "tike_bucket"):
@@ -138,14 +150,13 @@ def per_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, estimator: str,
                             tail="bucket" if estimator == "tike_bucket" else "none")
     if sampled_tokens is None:
         raise ValueError(f"sampled_tokens is required for estimator {estimator!r}")
-    if not isinstance(ref_logits, torch.Tensor) or ref_logits.shape != logits.shape:
-        raise ValueError(f"ref_logits must have logits' shape {tuple(logits.shape)}, got "
-                         f"{tuple(getattr(ref_logits, 'shape', ()))}")
-    logp = _ops.token_logprobs(logits, sampled_tokens, temperature=temperature)
-    ref_logp = _ops.token_logprobs(ref_logits.detach(), sampled_tokens, temperature=temperature)
-    out = kl_penalty(logp.float(), ref_logp.float(), estimator)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.shape != out.shape:
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(out.shape)}")
-        out = torch.where(mask.to(torch.bool), out, torch.zeros_like(out))
-    return out
+    _checks.logits(logits)
+    _checks.logits(ref_logits, "ref_logits")  # its own dtype is fine: only log q(o) is read
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)}, got "
+                         f"{tuple(ref_logits.shape)}")
+    logp = _ops.token_logprobs(logits, sampled_tokens, temperature=temperature, mask=mask)
+    ref_logp = _ops.token_logprobs(ref_logits.detach(), sampled_tokens, temperature=temperature,
+                                   mask=mask)
+    # Masked positions: both log-probs are 0 there, and every estimator is 0 at x = 0.
+    return kl_penalty(logp.float(), ref_logp.float(), estimator)

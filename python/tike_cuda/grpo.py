@@ -1,15 +1,22 @@
 """GRPO loss pieces (paper Eqs. 7-9) with verl's aggregation semantics.
 
 Shapes: ``B`` responses (``B = n_groups * G``, the G responses of a prompt contiguous),
-``T`` response positions. ``response_mask`` is ``[B, T]`` (bool or 0/1).
+``T`` response positions. ``response_mask`` is ``[B, T]``: bool, or integer / floating
+0/1 (the one mask rule of every tike_cuda function).
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+from . import _checks
 
 __all__ = ["group_advantages", "clipped_surrogate", "aggregate", "grpo_loss", "AGG_MODES"]
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# verl's loss_agg_mode names (verl/trainer/ppo/core_algos.py, agg_loss).
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
+             "seq-mean-token-sum-norm")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, *,
@@ -33,8 +40,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError("rewards must be a 1-D tensor [B]")
-    if not isinstance(group_size, int) or group_size < 1:
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) \
+            or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    group_size = int(group_size)  # numpy integers too
     if rewards.numel() % group_size:
         raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of "
                          f"group_size={group_size}")
@@ -70,36 +79,47 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     return torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + hi) * adv)
 
 
-def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
-    """Reduce a ``[B, T]`` per-token loss to a scalar with verl's ``loss_agg_mode``.
+def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", *,
+              loss_scale_factor: float | None = None) -> torch.Tensor:
+    """Reduce a ``[B, T]`` per-token loss to a scalar with verl's ``loss_agg_mode``
+    (verl's ``agg_loss`` on one data-parallel rank).
 
-    * "token-mean":          sum_{b,t} m l / sum_{b,t} m       (every token weighs the same)
-    * "seq-mean-token-mean": mean_b [ sum_t m l / sum_t m ]    (paper Eq. 9)
-    * "seq-mean-token-sum":  mean_b [ sum_t m l ]
+    * "token-mean":              sum_{b,t} m l / sum_{b,t} m    (every token weighs the same)
+    * "token-sum":               sum_{b,t} m l
+    * "seq-mean-token-mean":     mean_b [ sum_t m l / sum_t m ]  (paper Eq. 9)
+    * "seq-mean-token-sum":      mean_b [ sum_t m l ]
+    * "seq-mean-token-sum-norm": mean_b [ sum_t m l ] / loss_scale_factor  (Dr. GRPO;
+      ``loss_scale_factor`` defaults to T = ``mask.shape[-1]``, as in verl; give a constant
+      to keep the normaliser fixed through training)
 
     Sequence means run over responses with at least one unmasked token, so a fully masked
     response neither divides by zero nor dilutes the mean; an all-masked batch gives 0.
+    ``mask`` follows the one mask rule (bool, or 0/1 integer/float).
     """
-    if mode not in AGG_MODES:
-        raise ValueError(f"mode must be one of {list(AGG_MODES)}, got {mode!r}")
-    if mask.shape != loss_mat.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(loss_mat.shape)}")
-    m = mask.to(loss_mat.dtype)
+    _checks.choice(mode, "mode", AGG_MODES)
+    m = _checks.as_bool_mask(mask, "mask").to(loss_mat.dtype)
+    if m.shape != loss_mat.shape:
+        raise ValueError(f"mask has shape {tuple(m.shape)}, expected {tuple(loss_mat.shape)}")
     masked = loss_mat * m
     if mode == "token-mean":
         return masked.sum() / m.sum().clamp_min(1.0)
+    if mode == "token-sum":
+        return masked.sum()
     tokens = m.sum(dim=-1)
     seq = masked.sum(dim=-1)
     if mode == "seq-mean-token-mean":
         seq = seq / tokens.clamp_min(1.0)
     valid = (tokens > 0).to(loss_mat.dtype)
-    return (seq * valid).sum() / valid.sum().clamp_min(1.0)
+    loss = (seq * valid).sum() / valid.sum().clamp_min(1.0)
+    if mode == "seq-mean-token-sum-norm":
+        loss = loss / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
               kl: torch.Tensor | None, response_mask: torch.Tensor, beta: float = 1e-3,
               clip_eps: float = 0.2, loss_agg_mode: str = "token-mean", *,
-              clip_eps_high: float | None = None):
+              clip_eps_high: float | None = None, loss_scale_factor: float | None = None):
     """GRPO loss with a per-token KL penalty, paper Eq. 9 (negated for minimisation):
 
         loss = agg( -(A_min - beta * kl) )
@@ -107,7 +127,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     ``logprobs``, ``old_logprobs``, ``kl``: ``[B, T]``; ``advantages``: ``[B]`` or ``[B, T]``;
     ``kl`` from any estimator (e.g. :func:`tike_cuda.per_token_kl`), or None with beta 0.
     beta defaults to verl's 0.001 (the paper's setting). The paper's Eq. 9 is
-    "seq-mean-token-mean"; verl's default (used here) is "token-mean".
+    "seq-mean-token-mean"; verl's default (used here) is "token-mean"; every mode of
+    :func:`aggregate` (with its ``loss_scale_factor``) is accepted.
 
     Returns ``(loss, metrics)``; metrics are detached 0-dim tensors (no host sync):
     ``pg_loss``, ``kl`` (aggregated), ``clipfrac`` (fraction of tokens whose ratio lies
@@ -116,7 +137,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
     surr = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps, clip_eps_high)
-    pg_loss = aggregate(-surr, response_mask, loss_agg_mode)
+    agg = dict(mode=loss_agg_mode, loss_scale_factor=loss_scale_factor)
+    pg_loss = aggregate(-surr, response_mask, **agg)
     if kl is None:
         if beta != 0:
             raise ValueError("kl is None but beta != 0")
@@ -124,7 +146,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     else:
         if kl.shape != logprobs.shape:
             raise ValueError(f"kl has shape {tuple(kl.shape)}, expected {tuple(logprobs.shape)}")
-        kl_agg = aggregate(kl.to(pg_loss.dtype), response_mask, loss_agg_mode)
+        kl_agg = aggregate(kl.to(pg_loss.dtype), response_mask, **agg)
     # aggregation is linear, so agg(-(s - beta kl)) == agg(-s) + beta agg(kl)
     loss = pg_loss + beta * kl_agg
     with torch.no_grad():

@@ -6,16 +6,16 @@ tensors), ``.safetensors`` or ``.npz``. Keys (``P = logits.shape[:-1]``, the pos
 ================ ============ ========================================================
 key              shape        meaning
 ================ ============ ========================================================
-``logits``       ``[*P, V]``  policy logits (float), required
+``logits``       ``[*P, V]``  policy logits (float; float64 is read as float32), required
 ``ref_logits``   ``[*P, V]``  reference logits, same shape; required by audit/variance
 ``tokens``       ``P``        sampled token ids (int); needed by the sampled estimators
 ``old_logprobs`` ``P``        rollout log pi_old(token) (float): TIKE's importance weight
-``mask``         ``P``        bool or 0/1: positions to use (e.g. the response mask)
+``mask``         ``P``        bool or 0/1 (int or float): positions to use (the response mask)
 ``seq_id``       ``P``        int: the sequence a position belongs to (variance study);
                               without it a ``[S, T, V]`` file is S sequences of T
 ================ ============ ========================================================
 
-Every problem is a ValueError naming the file and the key.
+Every problem is a ValueError naming the file (and the key) and saying what to do.
 """
 from __future__ import annotations
 
@@ -25,27 +25,47 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import _checks
+from .report import EXTRA
+
 __all__ = ["KEYS", "load_logits", "save_logits"]
 
 KEYS = ("logits", "ref_logits", "tokens", "old_logprobs", "mask", "seq_id")
 _SUFFIXES = (".pt", ".safetensors", ".npz")
+_HOW = "write it with tike_cuda.io.save_logits (or torch.save of a dict of tensors)"
+
+
+def _load_pt(path: Path):
+    try:
+        # mmap: positions are then read chunk by chunk instead of all up front
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        # mmap needs the zip format; its error says so even for a corrupt file, so read
+        # once more without it (a legacy file loads; a corrupt one gives the real error)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _read(path: Path) -> dict:
     suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {_SUFFIXES}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes); {_HOW}")
     if suffix == ".pt":
-        # mmap: positions are then read chunk by chunk instead of all up front
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = _load_pt(path)
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+            raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}; {_HOW}")
         return obj
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
+        try:
+            from safetensors.torch import load_file
+        except ModuleNotFoundError:
+            raise ValueError(f"{path}: reading .safetensors files needs the safetensors package "
+                             f"({EXTRA})") from None
         return load_file(str(path))
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             return {key: torch.from_numpy(np.ascontiguousarray(z[key])) for key in z.files}
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {_SUFFIXES}")
 
 
 def load_logits(path: str | os.PathLike, *, required=("logits", "ref_logits")) -> dict:
@@ -56,14 +76,15 @@ def load_logits(path: str | os.PathLike, *, required=("logits", "ref_logits")) -
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{path}: no such file (check the path)")
     try:
         raw = _read(path)
     except ValueError:
         raise
     except Exception as err:  # corrupt or truncated archives surface as many types
-        raise ValueError(f"{path}: cannot read as {path.suffix} ({type(err).__name__}: {err})") \
-            from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: cannot read as a {path.suffix} file ({type(err).__name__}: "
+                         f"{first}); {_HOW}") from err
     for key in ("logits",) + tuple(required):
         if key not in raw:
             raise ValueError(f"{path}: missing key {key!r} (found {sorted(raw)}); "
@@ -84,6 +105,8 @@ def _validate(path, d):
     if not z.is_floating_point() or z.dim() < 2 or z.shape[-1] < 2:
         raise ValueError(f"{path}: key 'logits' must be a float array [..., V] with V >= 2 "
                          f"and at least one position, got {z.dtype} {tuple(z.shape)}")
+    if z.dtype not in _checks.LOGIT_DTYPES:  # float64: the kernels' widest type is float32
+        d["logits"] = z = z.float()
     if "ref_logits" in d:
         zr = d["ref_logits"]
         if zr.shape != z.shape or not zr.is_floating_point():
@@ -102,16 +125,18 @@ def _validate(path, d):
                              f"logits.shape[:-1] = {tuple(pos)}")
         if kind == "int":
             if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-                raise ValueError(f"{path}: key {key!r} must hold integers, got {t.dtype}")
+                raise ValueError(f"{path}: key {key!r} must hold integers, got {t.dtype}; "
+                                 "save token ids as an integer tensor")
             d[key] = t = t.long()
         elif kind == "float":
             if not t.is_floating_point():
                 raise ValueError(f"{path}: key {key!r} must hold floats, got {t.dtype}")
             d[key] = t.float()
         else:
-            if t.is_floating_point() and not torch.all((t == 0) | (t == 1)):
-                raise ValueError(f"{path}: key 'mask' must be bool or 0/1")
-            d[key] = t.to(torch.bool)
+            try:
+                d[key] = _checks.as_bool_mask(t, "key 'mask'")
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}: {err}") from None
     if "tokens" in d:
         tok = d["tokens"]
         if "mask" in d:

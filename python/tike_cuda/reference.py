@@ -26,6 +26,10 @@ class TopkStats(NamedTuple):
     ref_topk_mass: Tensor    # m_q = Σ_{S~} q_v
 
 
+# A TopkStats saved with torch.save loads back with torch.load(weights_only=True).
+torch.serialization.add_safe_globals([TopkStats])
+
+
 def _masked_rows(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     """Zero the masked rows so that whatever they hold (NaN, inf) cannot leak a gradient."""
     if mask is None:
@@ -35,6 +39,13 @@ def _masked_rows(x: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 def _apply_mask(y: Tensor, mask: Optional[Tensor]) -> Tensor:
     return y if mask is None else torch.where(mask, y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def _unpad(tokens: Optional[Tensor], mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Token ids of masked rows (padding such as -100) are never read: any valid id will do."""
+    if tokens is None or mask is None:
+        return tokens
+    return torch.where(mask, tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
 
 
 def _safe_plogr(p: Tensor, log_ratio: Tensor, keep: Tensor) -> Tensor:
@@ -71,6 +82,7 @@ def topk_kl_reference(logits: Tensor, ref_logits: Tensor, k: int = 16, *,
 
     r = exp(log p(o) − old_logprob) is detached (paper Eq. 17); S~ is a constant.
     """
+    sampled_tokens = _unpad(sampled_tokens, mask)
     z = _masked_rows(logits.double(), mask)
     zr = _masked_rows(ref_logits.double(), mask).detach()  # the reference is frozen
     log_p = torch.log_softmax(z / temperature, dim=-1)
@@ -115,12 +127,12 @@ def full_kl_reference(logits: Tensor, ref_logits: Tensor, *, temperature: float 
 
 
 def token_logprobs_reference(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
-                             return_entropy: bool = False):
+                             return_entropy: bool = False, mask: Optional[Tensor] = None):
     """log p(token) under softmax(logits / τ), and optionally the entropy −Σ p log p."""
-    log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
-    logp = log_p.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    log_p = torch.log_softmax(_masked_rows(logits.double(), mask) / temperature, dim=-1)
+    logp = _apply_mask(log_p.gather(-1, _unpad(tokens, mask).long().unsqueeze(-1)).squeeze(-1), mask)
     if not return_entropy:
         return logp
     keep = torch.ones(log_p.shape, dtype=torch.bool, device=log_p.device)
-    entropy = -_safe_plogr(log_p.exp(), log_p, keep).sum(-1)
+    entropy = _apply_mask(-_safe_plogr(log_p.exp(), log_p, keep).sum(-1), mask)
     return logp, entropy

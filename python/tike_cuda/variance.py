@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 import tike_cuda as _ops
-from .diagnostics import _progress, chunk_bounds, write_csv
+from .diagnostics import chunk_bounds
+from . import _checks
 from .estimators import kl_penalty
+from .report import progress as _progress, pyplot, write_csv
 
 __all__ = ["sequence_estimates", "log_spaced", "bootstrap", "plot_bootstrap", "COLORS"]
 
@@ -63,19 +65,17 @@ def sequence_estimates(logits, ref_logits, tokens, *, seq_id=None, old_logprobs=
     sid, n_seq = _seq_index(logits.shape, seq_id)
     z, zr, tok = logits.reshape(-1, V), ref_logits.reshape(-1, V), tokens.reshape(-1).long()
     old = None if old_logprobs is None else old_logprobs.reshape(-1).float()
-    m = None if mask is None else mask.reshape(-1).to(torch.bool)
+    m = None if mask is None else _checks.as_bool_mask(mask).reshape(-1)
     names = ("k1", "k3", "rb", f"tike{k}")
     sums = {name: torch.zeros(n_seq, dtype=torch.float64) for name in names}
     device = torch.device(device) if device is not None else z.device
     bounds = chunk_bounds(z.shape[0], 2 * V * z.element_size(), chunk_rows)
     with torch.no_grad():
-        for s, e in _progress(bounds, progress, "sequences"):
+        for s, e in _progress(bounds, enabled=progress, desc="sequences", unit="chunk"):
             zc, zrc, tc = z[s:e].to(device), zr[s:e].to(device), tok[s:e].to(device)
             mc = None if m is None else m[s:e].to(device)
-            if mc is not None:
-                tc = torch.where(mc, tc, torch.zeros_like(tc))  # padding ids are not read
-            lp = _ops.token_logprobs(zc, tc, temperature=temperature).float()
-            lq = _ops.token_logprobs(zrc, tc, temperature=temperature).float()
+            lp = _ops.token_logprobs(zc, tc, temperature=temperature, mask=mc).float()
+            lq = _ops.token_logprobs(zrc, tc, temperature=temperature, mask=mc).float()
             per = {"k1": kl_penalty(lp, lq, "k1"), "k3": kl_penalty(lp, lq, "k3"),
                    "rb": _ops.full_kl(zc, zrc, temperature=temperature, mask=mc),
                    names[3]: _ops.topk_kl(zc, zrc, k, sampled_tokens=tc, temperature=temperature,
@@ -123,12 +123,13 @@ def bootstrap(estimates: dict, ms=None, n_boot: int = 1000, seed: int = 0) -> li
     return rows
 
 
-def plot_bootstrap(panels: dict, path, *, title: str | None = None) -> Path:
+def plot_bootstrap(panels: dict, path, *, title: str | None = None) -> Path | None:
     """Figure-4-style plot: one panel per dataset (``{panel title: bootstrap rows}``),
-    mean vs M (log x) with a +-1 std band per estimator. Writes a PNG (Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    mean vs M (log x) with a +-1 std band per estimator. Writes a PNG (Agg backend);
+    without matplotlib, warns and returns None."""
+    plt = pyplot(path)
+    if plt is None:
+        return None
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, (name, rows) in zip(axes[0], panels.items()):

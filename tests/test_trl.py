@@ -1,0 +1,256 @@
+"""TikeGRPOTrainer against TRL's own GRPOTrainer: real trainers, a tiny Qwen2 built in code,
+the CPU, float32, nothing downloaded.
+
+The policy starts away from its reference (tiny_lm.perturb_, KL ~ 0.7 nats per token) and
+beta = 1, so the KL term and the loss stay far from zero and a relative tolerance means
+something; the optimizer is plain SGD, because Adam's first step is lr * sign(g) per weight
+and would turn a rounding-level gradient difference in a near-zero entry into a full step.
+"""
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tike_cuda.integrations.tiny_lm import OFFLINE_ENV
+
+os.environ.update(OFFLINE_ENV)  # before the Hugging Face libraries read it at import
+
+if os.environ.get("CI") is None:  # in CI the [trl] extra is installed: a missing trl fails there
+    pytest.importorskip("trl", reason="needs the [trl] extra: pip install '.[trl]'")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+import tike_cuda.integrations.trl as tike_trl  # noqa: E402
+from tike_cuda.integrations.tiny_lm import (perturb_, prompt_dataset, save_tiny_lm,  # noqa: E402
+                                             vowel_reward)
+from tike_cuda.integrations.trl import TikeGRPOConfig, TikeGRPOTrainer  # noqa: E402
+
+RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+def _args(config_cls, tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=8, max_steps=2, beta=1.0, num_iterations=2,
+                learning_rate=0.02, optim="sgd", bf16=False, use_cpu=True, report_to=[],
+                logging_steps=1, save_strategy="no", seed=0, disable_dropout=True,
+                gradient_checkpointing=False)
+    return config_cls(**{**base, **overrides})
+
+
+def _trainer(trainer_cls, args, tiny, **kwargs):
+    path, tokenizer = tiny
+    model = perturb_(AutoModelForCausalLM.from_pretrained(path))
+    torch.manual_seed(0)  # a PEFT adapter's initialisation, the same for both trainers
+    return trainer_cls(model=model, reward_funcs=vowel_reward, args=args,
+                       train_dataset=prompt_dataset(16), processing_class=tokenizer, **kwargs)
+
+
+def _train(trainer_cls, args, tiny, **kwargs):
+    trainer = _trainer(trainer_cls, args, tiny, **kwargs)
+    trainer.train()
+    return trainer, [h for h in trainer.state.log_history if "loss" in h]
+
+
+def _assert_same_steps(ours, theirs, keys=("loss", "kl"), rtol=RTOL):
+    assert len(ours) == len(theirs) > 0
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        for key in keys:
+            assert abs(a[key] - b[key]) <= rtol * abs(b[key]), (step, key, a[key], b[key])
+
+
+# -- 1. "k3" is TRL's own KL term ------------------------------------------------------------
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_k3_reproduces_trl_step_by_step(tiny, tmp_path, loss_type):
+    # num_iterations = 2: steps 1 and 3 generate, step 2 reuses step 1's batch off-policy,
+    # with TRL's old log-probs in the importance weight of the KL.
+    common = dict(loss_type=loss_type, max_steps=3)
+    _, theirs = _train(GRPOTrainer, _args(GRPOConfig, tmp_path, **common), tiny)
+    _, ours = _train(TikeGRPOTrainer,
+                     _args(TikeGRPOConfig, tmp_path, kl_estimator="k3", **common), tiny)
+    _assert_same_steps(ours, theirs)
+    assert len(ours) == 3 and all(row["kl"] > 0.1 for row in ours)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(loss_type="bnpo"), dict(loss_type="dr_grpo"), dict(loss_type="cispo"),
+    dict(loss_type="sapo"), dict(loss_type="luspo", importance_sampling_level="sequence"),
+    dict(loss_type="vespo"), dict(loss_type="grpo", importance_sampling_level="sequence"),
+    dict(loss_type="dapo", use_bias_correction_kl=False),
+    dict(loss_type="bnpo", gradient_accumulation_steps=2, temperature=0.7),
+    dict(loss_type="dr_grpo", entropy_coef=0.01),  # TRL then logs policy_loss, KL included
+], ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_k3_reproduces_trl_every_reduction(tiny, tmp_path, overrides):
+    _, theirs = _train(GRPOTrainer, _args(GRPOConfig, tmp_path, **overrides), tiny)
+    _, ours = _train(TikeGRPOTrainer,
+                     _args(TikeGRPOConfig, tmp_path, kl_estimator="k3", **overrides), tiny)
+    _assert_same_steps(ours, theirs, keys=("kl", "policy_loss") if "entropy_coef" in overrides
+                       else ("kl",))
+    # VESPO's loss is -phi * A * log p: terms of a few nats that cancel to a fraction of one,
+    # so the rounding of log p (not of the KL) shows at 1e-6 of the sum after a step.
+    _assert_same_steps(ours, theirs, keys=("loss",),
+                       rtol=1e-5 if overrides["loss_type"] == "vespo" else RTOL)
+
+
+# -- 2. the dense estimators train; the reference stays frozen -------------------------------
+
+@pytest.mark.parametrize("estimator", ["tike", "tike_bucket", "full"])
+def test_dense_estimators_train(tiny, tmp_path, estimator):
+    path, _ = tiny
+    reference = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    start = perturb_(AutoModelForCausalLM.from_pretrained(path)).state_dict()
+    # TRL's defaults here: gradient checkpointing on
+    args = _args(TikeGRPOConfig, tmp_path, kl_estimator=estimator, kl_topk=8,
+                 gradient_checkpointing=True)
+    trainer, rows = _train(TikeGRPOTrainer, args, tiny)
+
+    assert len(rows) == 2
+    for row in rows:
+        assert torch.isfinite(torch.tensor([row["loss"], row["kl"]])).all()
+        assert row["kl"] > 0.1
+        if estimator != "full":
+            assert 0.3 < row["kl_topk_mass"] < 1.0
+    policy = trainer.model.state_dict()
+    moved = [k for k in start if not torch.equal(policy[k], start[k])]
+    assert "lm_head.weight" in moved and len(moved) > len(start) // 2
+    for name, value in trainer.ref_model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+
+
+# -- 3. top-k over the whole vocabulary is the exact KL --------------------------------------
+
+def test_tike_with_k_at_least_vocab_is_full(tiny, tmp_path):
+    vocab = len(tiny[1])
+    _, full = _train(TikeGRPOTrainer, _args(TikeGRPOConfig, tmp_path, kl_estimator="full"), tiny)
+    for k in (vocab, vocab + 19):
+        _, tike = _train(TikeGRPOTrainer,
+                         _args(TikeGRPOConfig, tmp_path, kl_estimator="tike", kl_topk=k), tiny)
+        _assert_same_steps(tike, full)
+        assert all(abs(row["kl_topk_mass"] - 1.0) < 1e-6 for row in tike)
+
+
+# -- PEFT: the reference is the policy with its adapter disabled -----------------------------
+
+def test_peft_reference_k3_reproduces_trl(tiny, tmp_path):
+    peft = pytest.importorskip("peft")
+
+    def lora():  # B random, not zero: the policy differs from its reference from the start
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                               init_lora_weights=False, task_type="CAUSAL_LM")
+
+    common = dict(max_steps=3, learning_rate=0.05)
+    trl_trainer, theirs = _train(GRPOTrainer, _args(GRPOConfig, tmp_path, **common), tiny,
+                                 peft_config=lora())
+    trainer, ours = _train(TikeGRPOTrainer,
+                           _args(TikeGRPOConfig, tmp_path, kl_estimator="k3", **common), tiny,
+                           peft_config=lora())
+    assert trainer.ref_model is None and trl_trainer.ref_model is None
+    _assert_same_steps(ours, theirs)
+    assert all(row["kl"] > 0.01 for row in ours)
+
+
+def test_peft_reference_tike_trains_the_adapter_only(tiny, tmp_path):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           init_lora_weights=False, task_type="CAUSAL_LM")
+    # gradient checkpointing on (TRL's default): switched off around the reference's forward
+    args = _args(TikeGRPOConfig, tmp_path, kl_estimator="tike", gradient_checkpointing=True)
+    trainer = _trainer(TikeGRPOTrainer, args, tiny, peft_config=lora)
+    start = {k: v.clone() for k, v in trainer.model.get_base_model().state_dict().items()}
+    trainer.train()
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(rows) == 2
+    assert all(row["kl"] > 0.01 and 0 < row["kl_topk_mass"] < 1 for row in rows)
+    state = trainer.model.get_base_model().state_dict()
+    adapters = [k for k in state if "lora_" in k]
+    assert adapters and all(not torch.equal(state[k], start[k]) for k in adapters)
+    for name in state:
+        if "lora_" not in name:  # the base model is the reference: it never moves
+            assert torch.equal(state[name], start[name]), name
+
+
+# -- pieces: float32 logits under autocast, configuration, version check, lazy import -------
+
+def test_output_logits_are_float32_outside_autocast(tiny):
+    lm = AutoModelForCausalLM.from_pretrained(tiny[0]).to(torch.bfloat16)
+    hidden = torch.randn(2, 3, lm.config.hidden_size, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = TikeGRPOTrainer.output_logits(lm, hidden)
+    assert logits.dtype == torch.float32
+    expected = hidden.float() @ lm.lm_head.weight.float().T
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="kl_estimator"):
+        _args(TikeGRPOConfig, tmp_path, kl_estimator="k4")
+    for k in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="kl_topk"):
+            _args(TikeGRPOConfig, tmp_path, kl_topk=k)
+    assert _args(TikeGRPOConfig, tmp_path).kl_estimator == "tike"
+    assert _args(TikeGRPOConfig, tmp_path).kl_topk == 16
+
+
+def test_trainer_needs_its_config(tiny, tmp_path):
+    path, tokenizer = tiny
+    with pytest.raises(TypeError, match="TikeGRPOConfig"):
+        TikeGRPOTrainer(model=path, reward_funcs=vowel_reward, args=_args(GRPOConfig, tmp_path),
+                        train_dataset=prompt_dataset(4), processing_class=tokenizer)
+
+
+def test_unsupported_trl_version_names_the_supported_ones(monkeypatch):
+    monkeypatch.setattr(tike_trl.metadata, "version", lambda name: "1.15.0")
+    with pytest.raises(ImportError, match=r"found trl 1\.15\.0.*1\.16\.x"):
+        tike_trl._check_trl()
+
+    def missing(name):
+        raise tike_trl.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(tike_trl.metadata, "version", missing)
+    with pytest.raises(ImportError, match=r"trl is not installed.*1\.16\.x.*\[trl\]"):
+        tike_trl._check_trl()
+
+
+def test_readme_with_trl_snippet_builds_the_trainer(tiny, tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("### With TRL"):], re.S).group(1)
+    code = code.replace('"Qwen/Qwen2.5-0.5B-Instruct"', repr(tiny[0]))
+    code = code.replace('output_dir="out"', f"output_dir={str(tmp_path)!r}, use_cpu=True")
+    code = code.replace("trainer.train()", "")  # TRL's defaults: minutes of the CPU
+    env = {"reward_fn": vowel_reward, "dataset": prompt_dataset(8)}
+    exec(compile(code, "README.md", "exec"), env)
+    trainer = env["trainer"]
+    assert isinstance(trainer, TikeGRPOTrainer) and trainer.beta == 0.04
+    assert (trainer.args.kl_estimator, trainer.args.kl_topk) == ("tike", 16)
+
+
+def test_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    example = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo.py"
+    figure = tmp_path / "kl.png"
+    monkeypatch.setattr(sys, "argv", [str(example), "--steps", "2", "--batch", "4", "--group",
+                                      "4", "--length", "4", "--out", str(figure)])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(example), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)  # the example sets it for a tiny model
+    assert figure.stat().st_size > 10_000
+
+
+def test_import_tike_cuda_does_not_import_trl():
+    code = ("import sys, tike_cuda, tike_cuda.integrations; "
+            "heavy = {'trl', 'transformers', 'datasets', 'accelerate'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())
