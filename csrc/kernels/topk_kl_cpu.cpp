@@ -117,6 +117,8 @@ class TopK {
 struct Scratch {
   std::vector<float> zbuf, qbuf;
   std::vector<std::pair<int32_t, int32_t>> support;  // (index, slot) of S~, by index
+  std::vector<double> log_ratio;  // per slot of S~: L_v where p_v != 0, else NaN ...
+  std::vector<uint8_t> has_coef;  // ... and whether it has a coefficient (p_v != 0)
   TopK topk;
   explicit Scratch(int64_t k) : zbuf(kTile), qbuf(kTile), topk(k) {}
 };
@@ -265,6 +267,10 @@ TIKE_INLINE void forward_row(const TopkKlForwardArgs& a, int64_t r, Scratch& sc)
   if (a.old_logprobs) ratio = std::exp(lp_o - double(a.old_logprobs[r]));
 
   double D = 0.0, C = 0.0, m_p = 0.0, m_q = 0.0;
+  std::vector<double>& L = sc.log_ratio;  // kept for the coefficients below
+  std::vector<uint8_t>& has = sc.has_coef;
+  L.assign(size_t(K1), 0.0);
+  has.assign(size_t(K1), 0);
   for (int64_t slot = 0; slot < K1; ++slot) {
     if (idx[slot] < 0) continue;
     const double lp = lse_p.logp(load_one(zrow, a.dtype, idx[slot]), s);
@@ -275,6 +281,8 @@ TIKE_INLINE void forward_row(const TopkKlForwardArgs& a, int64_t r, Scratch& sc)
     if (p != 0.0) {  // 0 · log 0 counts as 0 (a NaN p stays NaN)
       D += p * (lp - lq);
       C += p * (lp - lq + 1.0);
+      L[size_t(slot)] = lp - lq;
+      has[size_t(slot)] = 1;
     }
   }
   double T = 0.0, b = 0.0;
@@ -285,13 +293,8 @@ TIKE_INLINE void forward_row(const TopkKlForwardArgs& a, int64_t r, Scratch& sc)
     b = log_ratio + 1.0;
   }
   const double scale = ratio * s;
-  for (int64_t slot = 0; slot < K1; ++slot) {
-    coef[slot] = 0.f;
-    if (idx[slot] < 0) continue;
-    const double lp = lse_p.logp(load_one(zrow, a.dtype, idx[slot]), s);
-    const double lq = ref.lse_q.logp(load_one(qrow, a.dtype, idx[slot]), s);
-    if (std::exp(lp) != 0.0) coef[slot] = float(scale * (lp - lq + 1.0 - b));
-  }
+  for (int64_t slot = 0; slot < K1; ++slot)
+    coef[slot] = has[size_t(slot)] ? float(scale * (L[size_t(slot)] + 1.0 - b)) : 0.f;
   a.out[r] = float(ratio * (D + T));
   a.lse[2 * r] = lse_p.max;
   a.lse[2 * r + 1] = lse_p.log_sum;
