@@ -85,6 +85,26 @@ struct Simd {
   }
   static TIKE_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
   static TIKE_INLINE vf max(vf a, vf b) { return a > b ? a : b; }
+  // A non-temporal store (p aligned to the vector): the line is written without being
+  // read first. Inline assembly: the instruction builtins are not declared in a template
+  // compiled for the baseline; this is expanded only inside the per-path functions,
+  // whose target has the registers. Needs stream_fence() before other threads read.
+  static TIKE_INLINE void stream(float* p, vf v) {
+#if TIKE_CPU_X86
+    vf* d = reinterpret_cast<vf*>(p);
+    if constexpr (W == 4)
+      asm volatile("movntps %1, %0" : "=m"(*d) : "x"(v));
+    else
+      asm volatile("vmovntps %1, %0" : "=m"(*d) : "v"(v));
+#else
+    store(p, v);
+#endif
+  }
+  static TIKE_INLINE void stream_fence() {
+#if TIKE_CPU_X86
+    asm volatile("sfence" ::: "memory");
+#endif
+  }
   // 2^y to ~2 ulp for y <= 127: 2^n · 2^f with n = round(y), f in [−1/2, 1/2] and a
   // degree-6 polynomial for 2^f. Callers fold log2(e) into their scale, so an exp costs
   // one multiply less than exp(x) would. 2^y below the float range (and y = −inf) is
@@ -300,6 +320,28 @@ TIKE_INLINE float* tile_dst(void* row, DType dt, int64_t j0, int n, float* buf) 
   return buf;
 }
 
+// Stores of a backward's gradient tile: straight into a float32 row with non-temporal
+// stores when the tile is aligned (the gradient is written once and not read back: this
+// skips reading each destination line first, one memory pass of N×V less), else plain
+// stores (into buf for a 16-bit row, then finish_tile). The kernel calls
+// S::stream_fence() once after its rows.
+template <class S>
+struct GradTile {
+  float* out;
+  bool streaming;
+  TIKE_INLINE void put(int i, typename S::vf v) const {
+    if (streaming)
+      S::stream(out + i, v);
+    else
+      S::store(out + i, v);
+  }
+};
+template <class S>
+TIKE_INLINE GradTile<S> grad_tile(float* out, const float* buf) {
+  const bool aligned = (reinterpret_cast<uintptr_t>(out) % sizeof(typename S::vf)) == 0;
+  return {out, out != buf && aligned};
+}
+
 // Writes buf[0, n) as elements [j0, j0 + n) of a row of dtype dt (rounded once).
 TIKE_INLINE void store_tile(void* row, DType dt, int64_t j0, int n, const float* buf) {
   switch (dt) {
@@ -336,24 +378,17 @@ TIKE_INLINE void* row_ptr(void* base, DType dt, const RowLayout& l, int64_t n) {
 struct NextTile {
   const char* p = nullptr;  // the next tile's first byte; null: nothing to prefetch
   int esize = 0;            // bytes per element
-  bool write = false;       // the next tile will be written (a gradient row)
   // For the elements of the vector at float index i of the current tile.
   TIKE_INLINE void at(int i) const {
-    if (p == nullptr) return;
-    if (write)
-      __builtin_prefetch(p + int64_t(i) * esize, 1, 3);
-    else
-      __builtin_prefetch(p + int64_t(i) * esize, 0, 3);
+    if (p != nullptr) __builtin_prefetch(p + int64_t(i) * esize, 0, 3);
   }
 };
 // The tile after [j0, j0 + kTile) of a row (none past the row's end).
-TIKE_INLINE NextTile next_tile(const void* row, DType dt, int64_t j0, int64_t V,
-                               bool write = false) {
+TIKE_INLINE NextTile next_tile(const void* row, DType dt, int64_t j0, int64_t V) {
   NextTile t;
   if (j0 + kTile < V) {
     t.esize = int(elem_size(dt));
     t.p = static_cast<const char*>(row) + (j0 + kTile) * t.esize;
-    t.write = write;
   }
   return t;
 }
