@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -93,9 +94,25 @@ def _extensions():
                           extra_link_args=link)]
 
 
+# What tike_cuda.testing.load_emulated() compiles (the CPU emulation of the CUDA kernels),
+# shipped as package data so that it also works from an installed package.
+_EMU_SOURCES = ("emu/*.h", "emu/*.cpp", "cuda/*.h", "kernels/*.cuh", "kernels/*.h", "*.h")
+
+
+class _BuildPy(build_py):
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib) / "tike_cuda" / "_csrc"
+        for pattern in _EMU_SOURCES:
+            for src in sorted((ROOT / "csrc").glob(pattern)):
+                out = dest / src.relative_to(ROOT / "csrc")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, out)
+
+
 def _cmdclass():
     from torch.utils.cpp_extension import BuildExtension
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": _BuildPy}
 
 
 setup(

@@ -3,7 +3,7 @@
 # Builds and installs tike_cuda, runs the tests (the CUDA ones run there), compute-sanitizer
 # memcheck and racecheck on a small case, a small benchmark preset and the target shape.
 # Every log and CSV goes under $OUT (default ./gpu_out); the summary table prints last.
-# Budget: about 10 minutes; every step has its own time limit and the next step runs
+# Budget: about 11 minutes; every step has its own time limit and the next step runs
 # whatever the previous one returned.
 #
 #   bash bench/gpu_check.sh
@@ -34,8 +34,15 @@ fi
 # Import from the installed package, not from the source tree.
 (cd /tmp && $PY -c "import tike_cuda, torch; print('tike_cuda with CUDA:', tike_cuda.built_with_cuda())")
 
-step "pytest"
-timeout 240 $PY -m pytest -x -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -25
+# The CUDA kernel tests first, on the GPU only (their emulated twins run in CI), then the
+# rest; never -x: one failure must not hide the results after it.
+step "pytest: CUDA kernels"
+timeout 150 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_kernels.py 2>&1 | \
+  tee "$OUT/pytest_cuda.log" | tail -25
+RC[pytest_cuda]=${PIPESTATUS[0]}
+
+step "pytest: everything else"
+timeout 200 $PY -m pytest -q -p no:cacheprovider --ignore=tests/test_cuda_kernels.py tests 2>&1 | tee "$OUT/pytest.log" | tail -25
 RC[pytest]=${PIPESTATUS[0]}
 
 step "compute-sanitizer memcheck"
@@ -63,8 +70,8 @@ RC[targets]=${PIPESTATUS[0]}
 
 echo
 echo "=== summary (rc: 0 ok, 124 timed out)"
-for s in build pytest memcheck racecheck bench targets; do printf '  %-10s rc=%s\n' "$s" "${RC[$s]}"; done
-grep -E "passed|failed|error" "$OUT/pytest.log" | tail -2
+for s in build pytest_cuda pytest memcheck racecheck bench targets; do printf '  %-10s rc=%s\n' "$s" "${RC[$s]}"; done
+grep -hE "passed|failed|error" "$OUT/pytest_cuda.log" "$OUT/pytest.log" | tail -4
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/memcheck.log" "$OUT/racecheck.log" || true
 echo
 sed -n '/^N=/,$p' "$OUT/targets.log"

@@ -1,4 +1,6 @@
 """Shared fixtures: the devices to test on, dtype tolerances, and input makers."""
+import contextlib
+import os
 import zlib
 
 import pytest
@@ -43,3 +45,82 @@ def gen(request):
     """A generator seeded from the test's id: every test draws different inputs, and a
     failure reproduces exactly when the test is rerun."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ------------------------------------------------------------------ where CUDA kernels run
+# The CUDA kernel tests (test_cuda_kernels.py) run on every `kdev`: a real GPU ("cuda",
+# skipped without one) and the CPU emulation of the CUDA execution model ("emu", always;
+# tike_cuda.testing). Under the emulation each test case gets one thread order, picked from
+# its node id (so all three orders are spread over the matrix and a failure reproduces when
+# the same test is rerun); TIKE_EMU_ORDER=forward|reversed|shuffled forces one for all.
+
+class KernelDevice:
+    """Tensors (`put`), raw ops (`ops`) and public-API calls (`with dev.api():`) of one device."""
+
+    def __init__(self, kind, order=None):
+        self.kind, self.order = kind, order
+
+    def __repr__(self):
+        return self.kind if self.order is None else f"{self.kind}[{self.order}]"
+
+    @property
+    def ops(self):
+        return torch.ops.tike_cuda_emu if self.kind == "emu" else torch.ops.tike_cuda
+
+    def put(self, x):
+        if x is None or self.kind == "emu":
+            return x
+        return x.cuda()
+
+    def api(self):
+        """Context for calls of the public API (and their backward) on this device."""
+        if self.kind == "emu":
+            from tike_cuda.testing import emulated_cuda
+            return emulated_cuda(self.order, seed=self.seed)
+        return contextlib.nullcontext()
+
+
+def _emu_order(nodeid):
+    from tike_cuda.testing import ORDERS
+    forced = os.environ.get("TIKE_EMU_ORDER")
+    if forced:
+        if forced not in ORDERS:
+            raise ValueError(f"TIKE_EMU_ORDER must be one of {ORDERS}, got {forced!r}")
+        return forced
+    return ORDERS[zlib.crc32(nodeid.encode()) % len(ORDERS)]
+
+
+def _load_emulation():
+    """The emulated ops; a missing CUDA toolkit skips the emulated tests, except in CI."""
+    from tike_cuda import testing
+    if testing.cuda_include_dir() is None and not os.environ.get("CI"):
+        pytest.skip("the CUDA emulation needs the CUDA toolkit's headers (set CUDA_HOME)")
+    testing.load_emulated()
+    return testing
+
+
+KERNEL_DEVICES = [pytest.param("cuda", id="cuda", marks=[_cuda, pytest.mark.cuda]),
+                  pytest.param("emu", id="emu")]
+
+
+@pytest.fixture(params=KERNEL_DEVICES)
+def kdev(request):
+    if request.param == "cuda":
+        yield KernelDevice("cuda")
+        return
+    testing = _load_emulation()
+    dev = KernelDevice("emu", _emu_order(request.node.nodeid))
+    dev.seed = zlib.crc32(request.node.nodeid.encode())
+    request.node.user_properties.append(("thread order", dev.order))
+    testing.set_thread_order(dev.order, dev.seed)
+    yield dev
+    testing.set_thread_order("forward", 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "thread order":
+                report.sections.append(("emulation", f"thread order: {value} (TIKE_EMU_ORDER)"))

@@ -254,3 +254,53 @@ def test_import_tike_cuda_does_not_import_trl():
             "heavy = {'trl', 'transformers', 'datasets', 'accelerate'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())
+
+
+# -- fused_lm_head: the same KL term without [B, T, V] logits ---------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    dict(kl_estimator="tike", kl_topk=8), dict(kl_estimator="tike_bucket", loss_type="grpo"),
+    dict(kl_estimator="full", temperature=0.7), dict(kl_estimator="k3", loss_type="bnpo"),
+], ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_fused_lm_head_matches_the_logits_path(tiny, tmp_path, overrides):
+    _, plain = _train(TikeGRPOTrainer, _args(TikeGRPOConfig, tmp_path, **overrides), tiny)
+    _, fused = _train(TikeGRPOTrainer,
+                      _args(TikeGRPOConfig, tmp_path, fused_lm_head=True, **overrides), tiny)
+    keys = ("loss", "kl") + (("kl_topk_mass",) if overrides["kl_estimator"] != "full"
+                             and overrides["kl_estimator"] != "k3" else ())
+    # two SGD steps on the same batches: the second step sees the first one's update
+    _assert_same_steps(fused, plain, keys=keys)
+    assert all(row["kl"] > 0.1 for row in fused)
+
+
+def test_fused_lm_head_config(tmp_path):
+    assert _args(TikeGRPOConfig, tmp_path).fused_lm_head is False
+    with pytest.raises(ValueError, match="fused_lm_head"):
+        _args(TikeGRPOConfig, tmp_path, fused_lm_head="yes")
+
+
+def test_fused_lm_head_with_peft_reproduces_trl(tiny, tmp_path):
+    # the reference's output layer is the policy's own (adapter disabled): read, detached
+    peft = pytest.importorskip("peft")
+
+    def lora():
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                               init_lora_weights=False, task_type="CAUSAL_LM")
+
+    common = dict(max_steps=2, learning_rate=0.05)
+    _, theirs = _train(GRPOTrainer, _args(GRPOConfig, tmp_path, **common), tiny,
+                       peft_config=lora())
+    _, ours = _train(TikeGRPOTrainer, _args(TikeGRPOConfig, tmp_path, kl_estimator="k3",
+                                            fused_lm_head=True, **common), tiny,
+                     peft_config=lora())
+    _assert_same_steps(ours, theirs)
+
+
+def test_fused_lm_head_refuses_a_soft_cap(tiny, tmp_path):
+    path, tokenizer = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="soft cap"):
+        TikeGRPOTrainer(model=model, reward_funcs=vowel_reward,
+                        args=_args(TikeGRPOConfig, tmp_path, fused_lm_head=True),
+                        train_dataset=prompt_dataset(4), processing_class=tokenizer)

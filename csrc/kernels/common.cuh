@@ -14,9 +14,21 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "row_layout.h"
+
+// Every kernel launch goes through TIKE_LAUNCH: nvcc sees the plain <<<>>> launch; the CPU
+// emulation of the CUDA execution model (csrc/emu) defines TIKE_EMU_LAUNCH and runs the
+// grid on fibers there.
+#if defined(TIKE_EMU_LAUNCH)
+#define TIKE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  TIKE_EMU_LAUNCH(kernel, grid, block, smem, stream, __VA_ARGS__)
+#else
+#define TIKE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 namespace tike::cuda {
 
@@ -26,6 +38,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr float kInf = __builtin_huge_valf();
+constexpr double kInfD = __builtin_huge_val();
 // A lazily moved reference lets single terms reach 2^64 before it moves; sums of a few
 // thousand such terms stay far below the float range.
 constexpr float kLazyLimit = 18446744073709551616.f;  // 2^64
@@ -172,17 +185,36 @@ __device__ __forceinline__ Span make_span(const T* row, int b, int e) {
 // ---------------------------------------------------------------- math
 
 // 2^x through MUFU.EX2 (ftz): 2^-inf = 0, 2^NaN = NaN. Relative error about 2 ulp.
+// Without a device compiler (the CPU emulation) the same meaning in plain C++: subnormal
+// inputs and results flushed to zero.
 __device__ __forceinline__ float ex2(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#else
+  constexpr float kMinNormal = 1.17549435e-38f;
+  const float y = exp2f(fabsf(x) < kMinNormal ? 0.f : x);
+  return y < kMinNormal ? 0.f : y;  // NaN compares false and stays NaN
+#endif
 }
 // Max that propagates NaN (max.NaN.f32, sm_80+): a NaN anywhere must reach the tests.
 __device__ __forceinline__ float fmax_nan(float a, float b) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
   return y;
+#else
+  return (a != a || b != b) ? __uint_as_float(0x7fffffffu) : fmaxf(a, b);
+#endif
 }
+// x·c − m with the product rounded to float first. Every reference m is such a rounded
+// product (a running max of z·c), so the largest term is exactly 2^0. A fused z·c − m
+// keeps the product's rounding error, which for |z·c| ≳ 2^24 (τ = 1e-30, logits near the
+// float limit) is itself a huge exponent (2^(±1e21) = inf or 0). __fmul_rn is never
+// contracted into an FMA, even under --use_fast_math.
+__device__ __forceinline__ float scaled_minus(float x, float c, float m) { return __fmul_rn(x, c) - m; }
+
 __device__ __forceinline__ bool is_nan(float x) {
   return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u;  // bit test: safe under fast math
 }
@@ -196,7 +228,7 @@ struct LazyLse {
   __device__ __forceinline__ void add(const float (&z)[N], float c) {
     float t = 0.f;
 #pragma unroll
-    for (int i = 0; i < N; ++i) t += ex2(__fmaf_rn(z[i], c, -m));
+    for (int i = 0; i < N; ++i) t += ex2(scaled_minus(z[i], c, m));
     if (t <= kLazyLimit) {
       s += t;
     } else {
@@ -207,11 +239,11 @@ struct LazyLse {
   __device__ __forceinline__ void add_slow(const float (&z)[N], float c) {
     float mx = m;
 #pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, z[i] * c);
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(z[i], c));
     move_to(mx);
     float t = 0.f;
 #pragma unroll
-    for (int i = 0; i < N; ++i) t += z[i] == -kInf ? 0.f : ex2(__fmaf_rn(z[i], c, -m));
+    for (int i = 0; i < N; ++i) t += z[i] == -kInf ? 0.f : ex2(scaled_minus(z[i], c, m));
     s += t;
   }
   __device__ __forceinline__ void add1(float z, float c) {
@@ -238,7 +270,7 @@ struct LazyLseRel {
     float t = 0.f, u = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float y = __fmaf_rn(z[i], c, -m), e = ex2(y);
+      const float y = scaled_minus(z[i], c, m), e = ex2(y);
       t += e;
       u += e > 0.f ? e * y : 0.f;
     }
@@ -253,13 +285,13 @@ struct LazyLseRel {
   __device__ __forceinline__ void add_slow(const float (&z)[N], float c) {
     float mx = m;
 #pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, z[i] * c);
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(z[i], c));
     move_to(mx);
     float t = 0.f, u = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (z[i] == -kInf) continue;
-      const float y = __fmaf_rn(z[i], c, -m), e = ex2(y);
+      const float y = scaled_minus(z[i], c, m), e = ex2(y);
       t += e;
       u += e > 0.f ? e * y : 0.f;
     }
@@ -289,7 +321,7 @@ struct LazyLseW {
     float t = 0.f, u = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float e = ex2(__fmaf_rn(z[i], c, -m));
+      const float e = ex2(scaled_minus(z[i], c, m));
       t += e;
       u += e > 0.f ? e * d[i] : 0.f;
     }
@@ -304,7 +336,7 @@ struct LazyLseW {
   __device__ __forceinline__ void add_slow(const float (&z)[N], const float (&d)[N], float c) {
     float mx = m;
 #pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, z[i] * c);
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(z[i], c));
     if (mx > m) {
       if (s != 0.f) {
         const float f = ex2(m - mx);
@@ -317,7 +349,7 @@ struct LazyLseW {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (z[i] == -kInf) continue;
-      const float e = ex2(__fmaf_rn(z[i], c, -m));
+      const float e = ex2(scaled_minus(z[i], c, m));
       t += e;
       u += e > 0.f ? e * d[i] : 0.f;
     }

@@ -3,7 +3,9 @@
 //
 // Forward: one pass over z and zr together keeping, per thread, Σ e_v and Σ e_v (z_v − zr_v)
 // with e_v = 2^(z_v·c − m) under a lazily moved reference m, and the log-sum-exp of zr;
-// then KL = (Σ e (z − zr)/τ) / Σ e − (lse_p − lse_q). Backward: one pass over z and zr
+// then KL = (Σ e (z − zr)/τ) / Σ e − (lse_p − lse_q). A column with zr = −inf where z is
+// not (q_v = 0 < p_v, however small p_v is) makes the KL +inf: it is flagged on its own
+// instead of summed (its infinite term would meet a zero rescale factor and give NaN). Backward: one pass over z and zr
 // writing (g/τ) p_j (L_j − KL). Few rows: each row is split over several CTAs whose
 // partial sums a tiny kernel combines (in a fixed order).
 #pragma once
@@ -16,7 +18,7 @@ namespace tike::cuda {
 
 namespace full_kl_detail {
 
-constexpr int kPart = 5;  // floats per partial: m, s, w, mq, sq
+constexpr int kPart = 6;  // floats per partial: m, s, w, mq, sq, q-hole
 
 struct FwdParams {
   FullKlForwardArgs a;
@@ -26,13 +28,16 @@ struct FwdParams {
 };
 
 __device__ __forceinline__ void write_row(const FwdParams& P, int64_t n, float m, float s, float w,
-                                          float mq, float sq) {
+                                          float mq, float sq, bool hole) {
   const double lse_p = kLn2 * (double(m) + log2(double(s)));
   const double lse_q = kLn2 * (double(mq) + log2(double(sq)));
   const float lp = float(lse_p), lq = float(lse_q);
   P.a.lse_p[n] = lp;
   P.a.lse_q[n] = lq;
-  P.a.out[n] = float(double(w) * double(P.inv_tau) / double(s) - (double(lp) - double(lq)));
+  // lse_p − lse_q from the float maxima (exact in double), not from their float roundings.
+  const double kl = double(w) * double(P.inv_tau) / double(s) -
+                    kLn2 * ((double(m) - double(mq)) + (log2(double(s)) - log2(double(sq))));
+  P.a.out[n] = float(hole && kl == kl ? kInfD : kl);  // NaN (an undefined row) stays NaN
 }
 
 template <typename T>
@@ -52,13 +57,19 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams P) {
   constexpr int N = Vec<T>::N;
   LazyLseW lp;
   LazyLse lq;
+  bool hole = false;  // some zr = −inf where z > −inf
   stream_segment<T, true, 2>(zrow, qrow, b, e, [&](const float (&z)[N], const float (&zr)[N]) {
     float d[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) d[i] = z[i] - zr[i];
+    for (int i = 0; i < N; ++i) {
+      const bool h = zr[i] == -kInf && z[i] > -kInf;
+      hole |= h;
+      d[i] = h ? 0.f : z[i] - zr[i];
+    }
     lp.add(z, d, c);
     lq.add(zr, c);
   });
+  const bool any_hole = block_any(hole, fs);
   const float m = block_max(lp.m, fs);
   const float f = lp.s != 0.f ? ex2(lp.m - m) : 0.f;
   const float s = block_sum(lp.s * f, fs), w = block_sum(lp.s != 0.f ? lp.w * f : 0.f, fs);
@@ -66,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams P) {
   const float sq = block_sum(lq.scaled(mq), fs);
   if (threadIdx.x != 0) return;
   if (P.splits == 1) {
-    write_row(P, n, m, s, w, mq, sq);
+    write_row(P, n, m, s, w, mq, sq, any_hole);
   } else {
     float* h = P.ws + (n * P.splits + part) * kPart;
     h[0] = m;
@@ -74,10 +85,13 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams P) {
     h[2] = w;
     h[3] = mq;
     h[4] = sq;
+    h[5] = any_hole ? 1.f : 0.f;
   }
 }
 
-// One thread per row: the splits' partials in order.
+// One thread per row: the splits' partials in order. (A template, as every kernel in a
+// header: a plain __global__ function here would be defined by every .cu including it.)
+template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const FwdParams P) {
   const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (n >= P.a.N) return;
@@ -92,6 +106,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const FwdParams P) {
     mq = fmaxf(mq, h[s * kPart + 3]);
   }
   float s_ = 0.f, w = 0.f, sq = 0.f;
+  bool hole = false;
   for (int s = 0; s < P.splits; ++s) {
     const float* p = h + s * kPart;
     if (p[1] != 0.f) {
@@ -100,8 +115,9 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const FwdParams P) {
       w += p[2] * f;
     }
     sq += p[4] != 0.f ? p[4] * ex2(p[3] - mq) : 0.f;
+    hole |= p[5] != 0.f;
   }
-  write_row(P, n, m, s_, w, mq, sq);
+  write_row(P, n, m, s_, w, mq, sq, hole);
 }
 
 struct BwdParams {
@@ -139,6 +155,15 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
                           });
 }
 
+template <typename T>
+inline cudaError_t launch_forward(const FwdParams& P, cudaStream_t stream) {
+  TIKE_LAUNCH(fwd_kernel<T>, unsigned(P.a.N * P.splits), kThreads, 0, stream, P);
+  if (P.splits > 1)
+    TIKE_LAUNCH(combine_kernel<T>, unsigned((P.a.N + kThreads - 1) / kThreads), kThreads, 0,
+                stream, P);
+  return cudaGetLastError();
+}
+
 }  // namespace full_kl_detail
 
 // Bytes of scratch full_kl_forward needs (the split partials; 0 with one CTA per row).
@@ -161,20 +186,12 @@ inline cudaError_t full_kl_forward(const FullKlForwardArgs& a, void* workspace,
   P.c = kLog2e / a.temperature;
   P.inv_tau = 1.f / a.temperature;
   P.ws = static_cast<float*>(workspace);
-  const unsigned grid = unsigned(a.N * rs.splits);
   switch (a.dtype) {
-    case DType::Float32: full_kl_detail::fwd_kernel<float><<<grid, kThreads, 0, stream>>>(P); break;
-    case DType::BFloat16:
-      full_kl_detail::fwd_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(P);
-      break;
-    case DType::Float16: full_kl_detail::fwd_kernel<__half><<<grid, kThreads, 0, stream>>>(P); break;
-    default: return cudaErrorInvalidValue;
+    case DType::Float32: return full_kl_detail::launch_forward<float>(P, stream);
+    case DType::BFloat16: return full_kl_detail::launch_forward<__nv_bfloat16>(P, stream);
+    case DType::Float16: return full_kl_detail::launch_forward<__half>(P, stream);
   }
-  if (rs.splits > 1) {
-    full_kl_detail::combine_kernel<<<unsigned((a.N + kThreads - 1) / kThreads), kThreads, 0,
-                                     stream>>>(P);
-  }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 inline cudaError_t full_kl_backward(const FullKlBackwardArgs& a, cudaStream_t stream) {
@@ -191,11 +208,11 @@ inline cudaError_t full_kl_backward(const FullKlBackwardArgs& a, cudaStream_t st
   P.inv_tau = 1.f / a.temperature;
   const unsigned grid = unsigned(a.N * rs.splits);
   switch (a.dtype) {
-    case DType::Float32: full_kl_detail::bwd_kernel<float><<<grid, kThreads, 0, stream>>>(P); break;
+    case DType::Float32: TIKE_LAUNCH(full_kl_detail::bwd_kernel<float>, grid, kThreads, 0, stream, P); break;
     case DType::BFloat16:
-      full_kl_detail::bwd_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(P);
+      TIKE_LAUNCH(full_kl_detail::bwd_kernel<__nv_bfloat16>, grid, kThreads, 0, stream, P);
       break;
-    case DType::Float16: full_kl_detail::bwd_kernel<__half><<<grid, kThreads, 0, stream>>>(P); break;
+    case DType::Float16: TIKE_LAUNCH(full_kl_detail::bwd_kernel<__half>, grid, kThreads, 0, stream, P); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

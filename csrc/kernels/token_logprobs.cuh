@@ -34,7 +34,9 @@ __device__ __forceinline__ void write_row(const FwdParams& P, int64_t n, float m
   const int64_t o = a.tokens[n];
   if (o >= 0 && o < a.V) {
     const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
-    a.logp[n] = float(double(load1(zrow + o)) * double(P.inv_tau) - lse);
+    // ln2·((z_o·c − m) − log2 s), z_o·c rounded as in the sums: log p keeps its digits
+    // however large z/τ is; z_o/τ − lse would cancel two huge numbers.
+    a.logp[n] = float(kLn2 * ((double(__fmul_rn(load1(zrow + o), P.c)) - double(m)) - l2s));
   } else {
     a.logp[n] = NAN;  // a token out of range poisons its row instead of reading out of bounds
   }
@@ -134,10 +136,10 @@ inline size_t token_logprobs_forward_workspace_bytes(const TokenLogprobsForwardA
 
 template <typename T>
 inline void token_logprobs_launch_fwd(const token_logprobs_detail::FwdParams& P, cudaStream_t st) {
-  token_logprobs_detail::fwd_kernel<T><<<unsigned(P.a.N * P.splits), kThreads, 0, st>>>(P);
+  TIKE_LAUNCH(token_logprobs_detail::fwd_kernel<T>, unsigned(P.a.N * P.splits), kThreads, 0, st, P);
   if (P.splits > 1)
-    token_logprobs_detail::combine_kernel<T>
-        <<<unsigned((P.a.N + kThreads - 1) / kThreads), kThreads, 0, st>>>(P);
+    TIKE_LAUNCH(token_logprobs_detail::combine_kernel<T>,
+                unsigned((P.a.N + kThreads - 1) / kThreads), kThreads, 0, st, P);
 }
 
 inline cudaError_t token_logprobs_forward(const TokenLogprobsForwardArgs& a, void* workspace,
@@ -179,13 +181,13 @@ inline cudaError_t token_logprobs_backward(const TokenLogprobsBackwardArgs& a,
   const unsigned grid = unsigned(a.N * rs.splits);
   switch (a.dtype) {
     case DType::Float32:
-      token_logprobs_detail::bwd_kernel<float><<<grid, kThreads, 0, stream>>>(P);
+      TIKE_LAUNCH(token_logprobs_detail::bwd_kernel<float>, grid, kThreads, 0, stream, P);
       break;
     case DType::BFloat16:
-      token_logprobs_detail::bwd_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(P);
+      TIKE_LAUNCH(token_logprobs_detail::bwd_kernel<__nv_bfloat16>, grid, kThreads, 0, stream, P);
       break;
     case DType::Float16:
-      token_logprobs_detail::bwd_kernel<__half><<<grid, kThreads, 0, stream>>>(P);
+      TIKE_LAUNCH(token_logprobs_detail::bwd_kernel<__half>, grid, kThreads, 0, stream, P);
       break;
     default: return cudaErrorInvalidValue;
   }

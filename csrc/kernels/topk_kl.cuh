@@ -112,19 +112,19 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
     float z, zr;
     int j;
     get(s, z, zr, j);
-    mp = fmaxf(mp, z * c);
-    mq = fmaxf(mq, zr * c);
+    mp = fmaxf(mp, __fmul_rn(z, c));
+    mq = fmaxf(mq, __fmul_rn(zr, c));
   }
   mp = block_max(mp, fs);
   mq = block_max(mq, fs);
-  const double dc = double(c), dmp = double(mp), dmq = double(mq);
+  const double dmp = double(mp), dmq = double(mq);
   double hp = 0.0, hq = 0.0;
   for (int s = tid; s < nent; s += kThreads) {
     float z, zr;
     int j;
     get(s, z, zr, j);
-    hp += z == -kInf ? 0.0 : exp2(double(z) * dc - dmp);
-    hq += zr == -kInf ? 0.0 : exp2(double(zr) * dc - dmq);
+    hp += z == -kInf ? 0.0 : exp2(double(__fmul_rn(z, c)) - dmp);
+    hq += zr == -kInf ? 0.0 : exp2(double(__fmul_rn(zr, c)) - dmq);
   }
   hp = block_sum(hp, ds);
   hq = block_sum(hq, ds);
@@ -132,20 +132,29 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
   const double tq_raw = ts.s_q != 0.f ? double(ts.s_q) * exp2(double(ts.ref_q) - dmq) : 0.0;
   double Sp = tp_raw + hp;
   const double Sq = tq_raw + hq;
-  if (bad) Sp = __longlong_as_double(0x7ff8000000000000LL);
-  const double lse_p = kLn2 * (dmp + log2(Sp)), lse_q = kLn2 * (dmq + log2(Sq));
-  const double cl = dc * kLn2;  // 1/τ exactly as the streaming pass applied it
+  // A NaN anywhere in either row, a +inf logit (inf − inf) or a row without a finite
+  // logit (Sp = 0: lse_p = −inf) leaves p or q undefined: every output of the row is NaN
+  // (out, coef, shift, so the whole gradient row is NaN), as in the reference.
+  bad = bad || !(Sp > 0.0) || !(Sq > 0.0) || Sp == kInfD || Sq == kInfD;
+  if (bad) Sp = double(NAN);
+  const double lse_p = kLn2 * (dmp + log2(Sp));
+  // log p_v = ln2·((z_v·c − mp) − log2 Sp), with z_v·c rounded as in every sum above, so
+  // the difference keeps its digits however large z/τ is (τ = 1e-30, |z| near the float
+  // limit); z·(1/τ) − lse_p would cancel two huge numbers.
+  const double l2sp = log2(Sp), l2sq = log2(Sq);
+  auto log_p = [&](float z) { return kLn2 * ((double(__fmul_rn(z, c)) - dmp) - l2sp); };
+  auto log_q = [&](float zr) { return kLn2 * ((double(__fmul_rn(zr, c)) - dmq) - l2sq); };
 
   double D = 0.0, C = 0.0, m_p = 0.0, m_q = 0.0;
   for (int s = tid; s < nent; s += kThreads) {
     float z, zr;
     int j;
     get(s, z, zr, j);
-    const double lp = double(z) * cl - lse_p, lq = double(zr) * cl - lse_q;
+    const double lp = log_p(z), lq = log_q(zr);
     const double p = exp(lp), q = exp(lq);
     m_p += p;
     m_q += q;
-    if (p > 0.0) {  // 0 · log 0 counts as 0
+    if (p != 0.0) {  // 0 · log 0 counts as 0
       D += p * (lp - lq);
       C += p * (lp - lq + 1.0);
     }
@@ -156,7 +165,7 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
   m_q = block_sum(m_q, ds);
 
   double lp_o = 0.0, r = 1.0;
-  if (a.sampled_tokens) lp_o = o >= 0 ? double(zo) * cl - lse_p : double(NAN);
+  if (a.sampled_tokens) lp_o = o >= 0 ? log_p(zo) : double(NAN);
   if (a.old_logprobs) r = exp(lp_o - double(a.old_logprobs[n]));
   double Tb = 0.0, b = 0.0;  // tail bucket term and its gradient factor
   if (a.tail_bucket) {
@@ -182,13 +191,13 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
     int j;
     get(s, z, zr, j);
     if (write_idx || s >= k) idx[s] = j;
-    const double lp = double(z) * cl - lse_p, lq = double(zr) * cl - lse_q;
-    coef[s] = exp(lp) > 0.0 ? float(scale * (lp - lq + 1.0 - b)) : (bad ? NAN : 0.f);
+    const double lp = log_p(z), lq = log_q(zr);
+    coef[s] = bad ? NAN : exp(lp) > 0.0 ? float(scale * (lp - lq + 1.0 - b)) : 0.f;
   }
   if (tid == 0) {
-    a.out[n] = float(r * (D + Tb));
+    a.out[n] = bad ? NAN : float(r * (D + Tb));
     a.lse[n] = float(lse_p);
-    a.shift[n] = float(scale * (C - m_p * b));
+    a.shift[n] = bad ? NAN : float(scale * (C - m_p * b));
     a.stats[n * 3] = float(m_p);
     a.stats[n * 3 + 1] = float(lp_o);
     a.stats[n * 3 + 2] = float(m_q);
@@ -233,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3) fwd_kernel(c
     const uint64_t kk = make_key(load1(zrow + jk), jk);
     st.thr_key = kk - 1;  // members: key >= the k-th key
     st.thr_val = key_value(kk);
-    st.off = st.thr_val * c;
+    st.off = __fmul_rn(st.thr_val, c);
   } else {
     st.key = keys + warp * P.cap;
     st.val = vals + warp * P.cap;
@@ -314,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3) fwd_kernel(c
   float mq = st.q.m;
   for (int t = tid; t < kWarps * KP; t += kThreads) {
     const int w = t / KP, i = t % KP;
-    if (keys[w * cap + i] != 0) mq = fmaxf(mq, vals[w * cap + i] * c);
+    if (keys[w * cap + i] != 0) mq = fmaxf(mq, __fmul_rn(vals[w * cap + i], c));
   }
   mq = block_max(mq, fs);
   float ep = st.sp != 0.f ? st.sp * ex2(st.off - mp) : 0.f;
@@ -323,8 +332,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3) fwd_kernel(c
   auto evict = [&](uint64_t kk, float zrv) {
     if (key_index(kk) == excl) return;
     const float zv = key_value(kk);
-    ep += zv == -kInf ? 0.f : ex2(__fmaf_rn(zv, c, -mp));
-    eq += zrv == -kInf ? 0.f : ex2(__fmaf_rn(zrv, c, -mq));
+    ep += zv == -kInf ? 0.f : ex2(scaled_minus(zv, c, mp));
+    eq += zrv == -kInf ? 0.f : ex2(scaled_minus(zrv, c, mq));
   };
   block_merge_groups(keys, vals, cap, kWarps, KP, evict);
   for (int i = k + tid; i < KP; i += kThreads) {
@@ -403,8 +412,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const FwdParams P) {
   auto evict = [&](uint64_t kk, float zrv) {
     if (key_index(kk) == excl) return;
     const float zv = key_value(kk);
-    ep += zv == -kInf ? 0.f : ex2(__fmaf_rn(zv, c, -mp));
-    eq += zrv == -kInf ? 0.f : ex2(__fmaf_rn(zrv, c, -mq));
+    ep += zv == -kInf ? 0.f : ex2(scaled_minus(zv, c, mp));
+    eq += zrv == -kInf ? 0.f : ex2(scaled_minus(zrv, c, mq));
   };
   block_merge_groups(keys, vals, KP, G, KP, evict);
   for (int i = k + tid; i < KP; i += kThreads) {
@@ -489,12 +498,12 @@ inline cudaError_t launch_forward(const FwdParams& P, int64_t N, cudaStream_t st
   const size_t smem = P.preselected ? 0 : size_t(kWarps) * P.cap * 12;
   cudaError_t err = allow_smem(fwd_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  fwd_kernel<T><<<unsigned(N * P.splits), kThreads, smem, stream>>>(P);
+  TIKE_LAUNCH(fwd_kernel<T>, unsigned(N * P.splits), kThreads, smem, stream, P);
   if (P.splits > 1) {
     const size_t csmem = size_t(P.groups) * P.kp * 12;
     err = allow_smem(combine_kernel<T>, csmem);
     if (err != cudaSuccess) return err;
-    combine_kernel<T><<<unsigned(N), kThreads, csmem, stream>>>(P);
+    TIKE_LAUNCH(combine_kernel<T>, unsigned(N), kThreads, csmem, stream, P);
   }
   return cudaGetLastError();
 }
@@ -504,7 +513,7 @@ constexpr int kPatchSmemMax = 8192;  // S~ entries staged in shared memory (32 K
 template <typename T>
 inline cudaError_t launch_backward(const BwdParams& P, int64_t N, cudaStream_t stream) {
   const size_t smem = P.patch_smem ? size_t(P.a.K1) * sizeof(float) : 0;
-  bwd_kernel<T><<<unsigned(N * P.splits), kThreads, smem, stream>>>(P);
+  TIKE_LAUNCH(bwd_kernel<T>, unsigned(N * P.splits), kThreads, smem, stream, P);
   return cudaGetLastError();
 }
 

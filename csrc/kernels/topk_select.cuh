@@ -126,7 +126,7 @@ struct TopkStream {
   bool nan = false;
 
   __device__ __forceinline__ float tail_term(float z) const {
-    return z == -kInf ? 0.f : ex2(__fmaf_rn(z, c, -off));
+    return z == -kInf ? 0.f : ex2(scaled_minus(z, c, off));
   }
 
   // An element leaves (or never enters) the candidates: its terms go to the tails.
@@ -144,7 +144,7 @@ struct TopkStream {
     warp_sort_desc(key, val, cap, lane);
     if (count >= k) {
       const uint64_t nk = key[k - 1];
-      const float nv = key_value(nk), noff = nv * c;
+      const float nv = key_value(nk), noff = __fmul_rn(nv, c);
       if (sp != 0.f) sp *= ex2(off - noff);  // the reference only rises
       thr_key = nk;
       thr_val = nv;
@@ -159,27 +159,48 @@ struct TopkStream {
     __syncwarp();
   }
 
+  // Whether the element (value z, column j) would still enter the candidates: its key
+  // above the threshold's. The float compare decides all but ties with the threshold's
+  // value, NaN (ranked as −inf) included.
+  __device__ __forceinline__ bool may_enter(float z, int j) const {
+    return z > thr_val || (!(z < thr_val) && make_key(z, j) > thr_key);
+  }
+
   // U chunks of E consecutive elements per lane: chunk u starts at column jb[u]; bit
   // u·E+i of vmask says whether element i of chunk u exists (absent ones hold −inf).
   template <int U, int E>
   __device__ __forceinline__ void process(const float (&z)[U * E], const float (&zr)[U * E],
                                           const int (&jb)[U], uint32_t vmask, int lane) {
     constexpr int NE = U * E;
-    bool need = false;
+    bool has_excl = false;
+#pragma unroll
+    for (int u = 0; u < U; ++u) has_excl |= (uint32_t(excl) - uint32_t(jb[u])) < uint32_t(E);
+    bool need = has_excl;
 #pragma unroll
     for (int i = 0; i < NE; ++i) need |= !(z[i] < thr_val);  // NaN too
+    if (__any_sync(kFullMask, need)) {
+      // Values equal to the threshold's (the −inf of a row with fewer than k finite
+      // logits, bf16 ties): the full key decides, so that such rows stay on the fast path.
+      need = has_excl;
 #pragma unroll
-    for (int u = 0; u < U; ++u) need |= (uint32_t(excl) - uint32_t(jb[u])) < uint32_t(E);
-    if (!__any_sync(kFullMask, need) && off > -kInf) {
-      // Common case: nothing here can enter the top-k.
-      float t = 0.f;
-#pragma unroll
-      for (int i = 0; i < NE; ++i) t += ex2(__fmaf_rn(z[i], c, -off));
-      sp += t;
-      q.add(zr, c);
-      return;
+      for (int i = 0; i < NE; ++i)
+        need |= ((vmask >> i) & 1u) && may_enter(z[i], jb[i / E] + i % E);
+      if (__any_sync(kFullMask, need)) {
+        slow<U, E>(z, zr, jb, vmask, lane);
+        return;
+      }
     }
-    slow<U, E>(z, zr, jb, vmask, lane);
+    // Common case: nothing here can enter the top-k.
+    float t = 0.f;
+    if (off > -kInf) {
+#pragma unroll
+      for (int i = 0; i < NE; ++i) t += ex2(scaled_minus(z[i], c, off));
+    } else {  // below a −inf threshold: −inf terms (0) or NaN
+#pragma unroll
+      for (int i = 0; i < NE; ++i) t += tail_term(z[i]);
+    }
+    sp += t;
+    q.add(zr, c);
   }
 
   template <int U, int E>
@@ -192,11 +213,11 @@ struct TopkStream {
 #pragma unroll
       for (int i = 0; i < E; ++i) {
         const int e = u * E + i;
-        const bool p = ((vmask >> e) & 1u) && (!(z[e] < thr_val) || jb[u] + i == excl);
+        const bool p = ((vmask >> e) & 1u) && (may_enter(z[e], jb[u] + i) || jb[u] + i == excl);
         pend |= uint32_t(p) << e;
       }
     }
-    // Elements below the threshold value go straight to the tails.
+    // Elements that cannot enter go straight to the tails (the threshold only rises).
     float t = 0.f, zq[NE];
 #pragma unroll
     for (int e = 0; e < NE; ++e) {

@@ -17,6 +17,7 @@ from .full_kl import full_kl
 from .reference import TopkStats
 from .token_logprobs import token_logprobs
 from .topk_kl import topk_kl
+from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss
 
 __version__ = "0.1.0"
 __all__ = ["topk_kl", "full_kl", "token_logprobs", "kl_penalty", "per_token_kl", "TopkStats",

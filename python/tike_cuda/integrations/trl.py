@@ -71,6 +71,9 @@ class TikeGRPOConfig(GRPOConfig):
         kl_topk (`int`, defaults to 16): k of ``"tike"`` / ``"tike_bucket"`` (the policy's
             k most likely tokens, united with the sampled one). Values above the vocabulary
             size mean the whole vocabulary.
+        fused_lm_head (`bool`, defaults to False): form the KL term from the output layers'
+            hidden states in chunks of rows (``tike_cuda.fused_linear``), never holding a
+            ``[B, T, V]`` logits tensor, as TRL's own path does for its log-probs.
     """
 
     kl_estimator: str = field(
@@ -78,6 +81,9 @@ class TikeGRPOConfig(GRPOConfig):
         metadata={"help": "Per-token KL estimator: " + ", ".join(ESTIMATORS) + "."})
     kl_topk: int = field(
         default=16, metadata={"help": "k of the 'tike' and 'tike_bucket' estimators."})
+    fused_lm_head: bool = field(
+        default=False, metadata={"help": "KL term from hidden states in chunks of rows, without "
+                                         "[B, T, V] logits (tike_cuda.fused_linear)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,6 +93,8 @@ class TikeGRPOConfig(GRPOConfig):
         if isinstance(self.kl_topk, bool) or not isinstance(self.kl_topk, int) \
                 or self.kl_topk < 1:
             raise ValueError(f"kl_topk must be an int >= 1, got {self.kl_topk!r}")
+        if not isinstance(self.fused_lm_head, bool):
+            raise ValueError(f"fused_lm_head must be a bool, got {self.fused_lm_head!r}")
 
 
 class TikeGRPOTrainer(GRPOTrainer):
@@ -125,8 +133,11 @@ class TikeGRPOTrainer(GRPOTrainer):
       "tike_bucket" then write their gradient over it, "full" and the sampled-token
       estimators allocate the gradient beside it. The reference's is freed after the
       KL's forward ("full" keeps it for its backward).
+      With ``fused_lm_head=True`` neither is ever whole: chunks of rows of both (at most
+      ``tike_cuda.fused_linear.DEFAULT_MEMORY_BUDGET`` bytes together), the policy's
+      recomputed in the backward.
     * compute: one more output-layer projection per micro-batch for the policy (forward and
-      backward) and one for the reference; the reference's forward runs per micro-batch and
+      backward; with ``fused_lm_head`` one more again, recomputed) and one for the reference; the reference's forward runs per micro-batch and
       per iteration (``num_iterations`` times per generation batch) instead of once per
       generation batch, and TRL's own reference pass at generation time is skipped.
 
@@ -162,6 +173,12 @@ class TikeGRPOTrainer(GRPOTrainer):
             if lm is not None and not isinstance(lm.get_output_embeddings(), torch.nn.Linear):
                 raise ValueError("the model's output layer must be a torch.nn.Linear; an "
                                  "adapter on lm_head is not supported")
+            if lm is None or not self.args.fused_lm_head:
+                continue
+            scale, softcap = _logit_scale_and_softcap(lm.config)
+            if softcap is not None or scale <= 0:
+                raise NotImplementedError("fused_lm_head=True needs logits that are the output "
+                                          "layer's times a positive scale (no soft cap)")
 
     # -- TRL's code paths, with TRL's own k3 switched off ------------------------------------
 
@@ -218,6 +235,8 @@ class TikeGRPOTrainer(GRPOTrainer):
         KL term is formed (a sparse reference stored at generation time, or a fused
         output layer that never materialises logits, replace this method).
         """
+        if self.args.fused_lm_head:
+            return self._fused_kl_term(policy_lm, hidden, ref, inputs, mask)
         tokens = inputs["completion_ids"]
         estimator, tau = self.args.kl_estimator, self.temperature
         with torch.no_grad():
@@ -251,6 +270,32 @@ class TikeGRPOTrainer(GRPOTrainer):
         if weight is not None:
             kl = kl * weight
         return torch.where(mask.bool(), kl, torch.zeros_like(kl)), topk_mass
+
+    def _fused_kl_term(self, policy_lm, hidden, ref, inputs, mask):
+        """:meth:`kl_term` with ``args.fused_lm_head``: the same float32 computation by
+        ``tike_cuda.fused_linear.fused_linear_logprobs_kl``, over chunks of rows of the output
+        layers (its backward recomputes each chunk's policy logits)."""
+        ref_lm, ref_hidden = ref
+        head, ref_head = policy_lm.get_output_embeddings(), ref_lm.get_output_embeddings()
+        scale, _ = _logit_scale_and_softcap(policy_lm.config)
+        frozen = lambda t: None if t is None else t.detach().float()
+        estimator = self.args.kl_estimator
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = tike_cuda.fused_linear.fused_linear_logprobs_kl(
+                hidden.float(), head.weight.float(), inputs["completion_ids"], mask,
+                ref_hidden.float(), frozen(ref_head.weight),
+                bias=None if head.bias is None else head.bias.float(),
+                ref_bias=frozen(ref_head.bias), kl_estimator=estimator,
+                k=min(self.args.kl_topk, head.weight.size(0)),
+                temperature=self.temperature / scale)  # softmax(scale · z / τ)
+        if estimator in SAMPLED_ESTIMATORS:
+            weight = self._kl_weight(out.logprobs, inputs, mask)  # differentiable, as TRL's
+        elif self.args.use_bias_correction_kl and "old_per_token_logps" in inputs:
+            weight = self._kl_weight(out.logprobs.detach(), inputs, mask)  # the paper's sg(r)
+        else:
+            weight = None
+        kl = out.kl if weight is None else out.kl * weight
+        return torch.where(mask.bool(), kl, torch.zeros_like(kl)), out.topk_mass
 
     def _kl_weight(self, logp, inputs, mask):
         """TRL's ``coef_1`` (the importance ratio its ``use_bias_correction_kl`` applies to the
