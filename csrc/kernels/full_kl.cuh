@@ -31,9 +31,14 @@ __device__ __forceinline__ void write_row(const FwdParams& P, int64_t n, float m
                                           float mq, float sq, bool hole) {
   const double lse_p = kLn2 * (double(m) + log2(double(s)));
   const double lse_q = kLn2 * (double(mq) + log2(double(sq)));
-  const float lp = float(lse_p), lq = float(lse_q);
-  P.a.lse_p[n] = lp;
-  P.a.lse_q[n] = lq;
+  // The saved pairs (M, ℓ) of docs/kernels.md: M = m/c (the max up to the rounding of
+  // z·c), ℓ = log S; lse = M/τ + ℓ.
+  P.a.lse_p[2 * n] = float(double(m) / double(P.c));
+  P.a.lse_p[2 * n + 1] = float(kLn2 * log2(double(s)));
+  P.a.lse_q[2 * n] = float(double(mq) / double(P.c));
+  P.a.lse_q[2 * n + 1] = float(kLn2 * log2(double(sq)));
+  (void)lse_p;
+  (void)lse_q;
   // lse_p − lse_q from the float maxima (exact in double), not from their float roundings.
   const double kl = double(w) * double(P.inv_tau) / double(s) -
                     kLn2 * ((double(m) - double(mq)) + (log2(double(s)) - log2(double(sq))));
@@ -47,7 +52,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams P) {
   const int64_t n = int64_t(blockIdx.x) / P.splits;
   const int part = int(int64_t(blockIdx.x) % P.splits);
   if (a.mask && !a.mask[n]) {
-    if (P.splits == 1 && threadIdx.x == 0) a.out[n] = a.lse_p[n] = a.lse_q[n] = 0.f;
+    if (P.splits == 1 && threadIdx.x == 0)
+      a.out[n] = a.lse_p[2 * n] = a.lse_p[2 * n + 1] = a.lse_q[2 * n] = a.lse_q[2 * n + 1] = 0.f;
     return;
   }
   const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
@@ -96,7 +102,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const FwdParams P) {
   const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (n >= P.a.N) return;
   if (P.a.mask && !P.a.mask[n]) {
-    P.a.out[n] = P.a.lse_p[n] = P.a.lse_q[n] = 0.f;
+    P.a.out[n] = P.a.lse_p[2 * n] = P.a.lse_p[2 * n + 1] = P.a.lse_q[2 * n] =
+        P.a.lse_q[2 * n + 1] = 0.f;
     return;
   }
   const float* h = P.ws + n * P.splits * kPart;
@@ -140,7 +147,11 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
   const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
   const T* qrow = row_base<T>(a.ref_logits, a.ref_layout, n);
   const float c = P.c, s = P.inv_tau, gs = a.grad_out[n] * s;
-  const float lp2 = a.lse_p[n] * kLog2e, dl = a.lse_p[n] - a.lse_q[n] + a.out[n];
+  // From the saved pairs (M, ℓ): lse_p·log2 e = M_p·c + ℓ_p·log2 e, and
+  // lse_p − lse_q + KL = (M_p − M_q)/τ + (ℓ_p − ℓ_q) + KL.
+  const float lp2 = __fmaf_rn(a.lse_p[2 * n], c, a.lse_p[2 * n + 1] * kLog2e);
+  const float dl = (a.lse_p[2 * n] - a.lse_q[2 * n]) * s + (a.lse_p[2 * n + 1] - a.lse_q[2 * n + 1]) +
+                   a.out[n];
   constexpr int N = Vec<T>::N;
   map_segment<T, true, 2>(zrow, qrow, grow, b, e,
                           [&](const float (&z)[N], const float (&zr)[N], int, float (&o)[N]) {

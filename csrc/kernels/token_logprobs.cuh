@@ -30,7 +30,10 @@ __device__ __forceinline__ void write_row(const FwdParams& P, int64_t n, float m
   const TokenLogprobsForwardArgs& a = P.a;
   const double l2s = log2(double(s));
   const double lse = kLn2 * (double(m) + l2s);
-  a.lse[n] = float(lse);
+  // The saved pair (M, ℓ) of docs/kernels.md: M = m/c (the max up to the rounding of z·c),
+  // ℓ = log S; lse = M/τ + ℓ.
+  a.lse[2 * n] = float(double(m) / double(P.c));
+  a.lse[2 * n + 1] = float(kLn2 * l2s);
   const int64_t o = a.tokens[n];
   if (o >= 0 && o < a.V) {
     const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
@@ -105,7 +108,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
   const int b = part * P.seg, e = min(int(a.V), b + P.seg);
   T* grow = static_cast<T*>(a.grad) + n * a.V;
   const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
-  const float s = P.inv_tau, c = P.c, lse = a.lse[n], lse2 = lse * kLog2e;
+  const float s = P.inv_tau, c = P.c;
+  const float lse = __fmaf_rn(a.lse[2 * n], s, a.lse[2 * n + 1]);               // M/τ + ℓ
+  const float lse2 = __fmaf_rn(a.lse[2 * n], c, a.lse[2 * n + 1] * kLog2e);  // M·c + log2 S
   const float g_lp = a.grad_logp ? a.grad_logp[n] : 0.f;
   const float g_h = a.grad_entropy ? a.grad_entropy[n] : 0.f;
   const float H = a.grad_entropy ? a.entropy[n] : 0.f;

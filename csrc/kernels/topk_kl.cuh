@@ -58,7 +58,7 @@ __device__ __forceinline__ void write_masked_row(const TopkKlForwardArgs& a, int
     a.coef[n * K1 + s] = 0.f;
   }
   if (threadIdx.x == 0) {
-    a.out[n] = a.lse[n] = a.shift[n] = 0.f;
+    a.out[n] = a.lse[2 * n] = a.lse[2 * n + 1] = a.shift[n] = 0.f;
     a.stats[n * 3] = a.stats[n * 3 + 1] = a.stats[n * 3 + 2] = 0.f;
   }
 }
@@ -193,7 +193,10 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
   }
   if (tid == 0) {
     a.out[n] = bad ? NAN : float(r * (D + Tb));
-    a.lse[n] = float(lse_p);
+    // The saved pair (M, ℓ) of docs/kernels.md, lse_p = M/τ + ℓ: M = mp/c (the max of z up
+    // to the rounding of z·c), ℓ = log Sp. (lse_p itself is no longer stored.)
+    a.lse[2 * n] = float(dmp / double(c));
+    a.lse[2 * n + 1] = float(kLn2 * l2sp);
     a.shift[n] = bad ? NAN : float(scale * (C - m_p * b));
     a.stats[n * 3] = float(m_p);
     a.stats[n * 3 + 1] = float(lp_o);
@@ -420,7 +423,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
     return;
   }
   const float g = a.grad_out[n], sh = a.shift[n];
-  const float lse2 = a.lse[n] * kLog2e, c = P.c, dense = -g * sh;
+  const float c = P.c, dense = -g * sh;
+  const float lse2 = __fmaf_rn(a.lse[2 * n], c, a.lse[2 * n + 1] * kLog2e);  // M·c + log2 S
   float* patch = P.patch_smem ? patch_smem : P.ws_patch + n * K1;
   const int32_t* idx = a.idx + n * K1;
   const float* coef = a.coef + n * K1;
