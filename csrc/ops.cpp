@@ -56,7 +56,7 @@ TORCH_LIBRARY(tike_cuda, m) {
   m.def(
       "sparse_reference(Tensor ref_logits, Tensor support, Tensor? sampled_tokens, "
       "Tensor? mask, float temperature) -> (Tensor, Tensor, Tensor)");
-  // TIKE on the fixed S~ `idx` against the stored reference. Returns (out[N], lse[N],
+  // TIKE on the fixed S~ `idx` against the stored reference. Returns (out[N], lse[N,2],
   // coef[N,K1], shift[N], stats[N,3]) as topk_kl; the backward is topk_kl_backward(idx).
   m.def(
       "topk_kl_sparse(Tensor logits, Tensor idx, Tensor ref_logprobs, "

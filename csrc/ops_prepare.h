@@ -440,7 +440,7 @@ inline TopkKlSparseForwardCall prepare_topk_kl_sparse_forward(
   c.mask = per_row(mask, N, c.logits, at::kBool, "mask");
   const auto f32 = f32_like(c.logits);
   c.out = at::empty({N}, f32);
-  c.lse = at::empty({N}, f32);
+  c.lse = at::empty({N, 2}, f32);  // (M, ℓ) per row, as topk_kl's: kernels.md
   c.shift = at::empty({N}, f32);
   c.coef = at::empty({N, K1}, f32);
   c.stats = at::empty({N, 3}, f32);

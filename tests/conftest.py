@@ -29,6 +29,16 @@ def assert_values(actual, expected, atol=2e-5, rtol=1e-4):
                                equal_nan=True)
 
 
+def assert_lse_pairs(actual, expected, temperature, atol=1e-4, rtol=1e-4):
+    """Saved [N, 2] lse pairs (M, ℓ), lse = M/τ + ℓ (docs/kernels.md): M is a reference
+    point (the row max on the CPU, a running reference on CUDA), so compare the lse."""
+    a, b = actual.double().cpu(), expected.double().cpu()
+    assert a.shape == b.shape and a.shape[-1] == 2
+    torch.testing.assert_close(a[..., 0] / temperature + a[..., 1],
+                               b[..., 0] / temperature + b[..., 1], atol=atol, rtol=rtol,
+                               equal_nan=True)
+
+
 def assert_grads(actual, expected, dtype):
     """Gradients (in the logits dtype) against float64 autograd, relative to the largest entry."""
     assert actual.dtype == dtype

@@ -26,7 +26,7 @@ import tike_cuda
 from tike_cuda.reference import (full_kl_reference, token_logprobs_reference, topk_indices,
                                  topk_kl_reference)
 
-from conftest import GRAD_RTOL, assert_grads, assert_values, make_logits
+from conftest import GRAD_RTOL, assert_grads, assert_lse_pairs, assert_values, make_logits
 
 CPU = torch.ops.tike_cuda
 BIG_V = 151936
@@ -50,11 +50,7 @@ def _close(a, b, atol=CPU_ATOL, rtol=CPU_RTOL):
 
 
 def _close_lse(a, b, tau, atol=CPU_ATOL, rtol=CPU_RTOL):
-    """Saved [N, 2] pairs (M, ℓ) with lse = M/τ + ℓ (docs/kernels.md): M is a reference
-    point (the row max on the CPU, a running reference on CUDA), so compare the lse."""
-    a, b = a.double().cpu(), b.double().cpu()
-    torch.testing.assert_close(a[:, 0] / tau + a[:, 1], b[:, 0] / tau + b[:, 1], atol=atol,
-                               rtol=rtol, equal_nan=True)
+    assert_lse_pairs(a, b, tau, atol=atol, rtol=rtol)
 
 
 def _close_outputs(got, exp, tau):

@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) reference_kernel(const SparseReferen
 __device__ __forceinline__ void write_policy_row(const TopkKlSparseArgs& a, int64_t n, float v) {
   for (int s = threadIdx.x; s < a.K1; s += kThreads) a.coef[n * a.K1 + s] = v;
   if (threadIdx.x == 0) {
-    a.out[n] = a.lse[n] = a.shift[n] = v;
+    a.out[n] = a.lse[2 * n] = a.lse[2 * n + 1] = a.shift[n] = v;
     a.stats[n * 3] = a.stats[n * 3 + 1] = a.stats[n * 3 + 2] = v;
   }
 }
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) policy_kernel(const TopkKlSparseArgs
   h.m_p = block_sum(h.m_p, ds);
   h.m_q = block_sum(h.m_q, ds);
   const TikeTail t =
-      a.tail_bucket ? tike_tail(p.tail, double(a.ref_tail_logmass[n])) : TikeTail{};
+      a.tail_bucket ? tike_tail(log(p.tail), double(a.ref_tail_logmass[n])) : TikeTail{};
   const double scale = ratio * inv_tau;
   for (int s = tid; s < K1; s += kThreads) {
     const int j = idx[s];
@@ -282,7 +282,9 @@ __global__ void __launch_bounds__(kThreads) policy_kernel(const TopkKlSparseArgs
   }
   if (tid == 0) {
     a.out[n] = float(ratio * (h.D + t.T));
-    a.lse[n] = float(p.lse());
+    // the pair (M, ℓ) of docs/kernels.md: M = m/c, ℓ = log S
+    a.lse[2 * n] = float(double(p.m) / double(p.c));
+    a.lse[2 * n + 1] = float(kLn2 * p.l2s);
     a.shift[n] = float(scale * (h.C - h.m_p * t.b));
     a.stats[n * 3] = float(h.m_p);
     a.stats[n * 3 + 1] = float(lp_o);
