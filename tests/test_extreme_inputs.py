@@ -205,3 +205,37 @@ def test_topk_selection_with_many_ties(device, k, gen):
     zr = torch.zeros_like(z)
     idx = torch.ops.tike_cuda.topk_kl(z, zr, k, None, None, None, 1.0, True, False)[2]
     assert torch.equal(idx.cpu(), topk_indices(z.cpu(), k).to(torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [1e-25, 1e-30])
+def test_token_logprobs_at_a_tiny_temperature_is_float_exact(device, temperature, gen):
+    """log p(o) ~ −1e31 for tokens below the max: within float32 rounding of float64 (an
+    absolute difference of 1e23 is one float ulp there, not an error)."""
+    z = make_logits((6, 777), torch.float32, device, generator=gen)
+    tokens = torch.randint(0, 777, (6,), generator=gen)
+    tokens[0] = topk_indices(z.cpu(), 1)[0, 0]  # log p = 0 exactly
+    logp = tike_cuda.token_logprobs(z, tokens.to(device), temperature=temperature)
+    exp = token_logprobs_reference(z.cpu().double(), tokens, temperature=temperature)
+    assert (exp[1:] < -1e20).all()
+    torch.testing.assert_close(logp.double().cpu(), exp, rtol=2e-7, atol=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tail_bucket_with_the_top_k_where_the_reference_is_minus_inf(device, gen):
+    """S inside a leading run of −inf reference logits (whole tiles skipped): those S
+    entries have q = 0 < p, so that row's value is +inf, as in float64 — and the tail
+    pass walks S~ past the skipped tiles (it once wrote before its buffer there)."""
+    N, V, k = 3, 40000, 16
+    z = make_logits((N, V), torch.float32, device, generator=gen)
+    zr = make_logits((N, V), torch.float32, device, generator=gen)
+    zr[2, :20000] = float("-inf")
+    z[2, 100:4100:250] += 20.0  # S of row 2 lies in the −inf part of its reference
+    z.requires_grad_()
+    out = tike_cuda.topk_kl(z, zr, k, tail="bucket")
+    z64 = z.detach().double().cpu().requires_grad_()
+    exp = topk_kl_reference(z64, zr.cpu(), k, tail="bucket")
+    assert exp[2] == math.inf and torch.isfinite(exp[:2]).all()
+    assert_values(out, exp)
+    assert_grads(_grad(out[:2].sum(), z, torch.ones(()))[:2],
+                 _grad(exp[:2].sum(), z64, torch.ones(()))[:2], torch.float32)
