@@ -1,15 +1,14 @@
 """CUDA kernels against the CPU op and the float64 reference on the same inputs.
 
-Every test runs on each `kdev` (tests/conftest.py): a real GPU ("cuda", skipped without
-one) and the CPU emulation of the CUDA execution model ("emu", always: the very kernel
+Every test runs on each `kdev` (tests/conftest.py): a real GPU ("cuda", collected where
+there is one) and the CPU emulation of the CUDA execution model ("emu", always: the very kernel
 sources and CUDA glue, run on fibers; one thread order per test case).
 
 Covers what only the device code can get wrong: the warp top-k (ties, k up to 256 and the
 sorted path above), rows split over several CTAs (few rows), misaligned rows (odd V, a
 reference row aligned differently from the policy row), strided [B, T, V] views, NaN, −inf
 and mostly −inf rows, the in-place backward, low temperatures and logits near the float
-limit (open: xfail), bitwise run-to-run reproducibility and 64-bit offsets (GPU only:
-20 GiB).
+limit, bitwise run-to-run reproducibility and 64-bit offsets (GPU only: 20 GiB).
 
 Where the CPU op is known to differ from the reference (tail sums below the float range,
 low temperatures, logits near the float limit: being fixed in the CPU kernels), the CUDA
@@ -482,26 +481,39 @@ def test_low_temperature_agrees_with_float64(kdev, tau, gen):
     torch.testing.assert_close(H.double().cpu(), H64, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="z·log2(e)/τ overflows float for |z| > 2.4e38·τ: the "
-                   "kernels' base-2 scaling needs an overflow-free form (issue 17 item 5, open)")
-def test_logits_near_the_float_limit_agree_with_float64(kdev, gen):
-    """Every entry ±3.4e38 (issue 17 item 5): torch.log_softmax and the float64 reference
-    give moderate values (p uniform over the +max entries)."""
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_logits_near_the_float_limit_agree_with_float64(kdev, tau, gen):
+    """Every entry ±3.4e38 (issue 17 item 5): z·log2(e)/τ overflows float, z − zr too;
+    torch.log_softmax and the float64 reference give moderate values (p uniform over the
+    +max entries). zr is +max wherever z is (else q_v = 0 < p_v makes full_kl's reference
+    3.7e38, beyond float32). Values and gradients."""
     N, V = 3, 80
     big = torch.finfo(torch.float32).max
-    sign = lambda: torch.where(torch.rand(N, V, generator=gen) < 0.5, -1.0, 1.0)  # noqa: E731
-    z, zr = kdev.put(sign() * big), kdev.put(sign() * big)
-    tok = kdev.put(torch.randint(0, V, (N,), generator=gen))
-    with kdev.api():
-        tk = tike_cuda.topk_kl(z, zr, 16, sampled_tokens=tok, tail="bucket")
-        fk = tike_cuda.full_kl(z, zr)
-        lp = tike_cuda.token_logprobs(z, tok)
-    ref = topk_kl_reference(z.cpu(), zr.cpu(), 16, sampled_tokens=tok.cpu(), tail="bucket")
-    torch.testing.assert_close(tk.double().cpu(), ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fk.double().cpu(), full_kl_reference(z.cpu(), zr.cpu()),
-                               rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(lp.double().cpu(), token_logprobs_reference(z.cpu(), tok.cpu()),
-                               rtol=1e-4, atol=1e-5)
+    plus = torch.rand(N, V, generator=gen) < 0.5
+    plus[:, 0] = True
+    z = torch.where(plus, big, -big)
+    zr = torch.where(plus | (torch.rand(N, V, generator=gen) < 0.3), big, -big)
+    tok = torch.multinomial(plus.double(), 1, generator=gen)[:, 0]  # log p(o) finite
+    g = torch.randn(N, generator=gen, dtype=torch.float64)
+    z64, zr64 = z.double().requires_grad_(), zr.double()
+    cases = [
+        (lambda a: tike_cuda.topk_kl(a, kdev.put(zr), 16, sampled_tokens=kdev.put(tok),
+                                     tail="bucket", temperature=tau),
+         topk_kl_reference(z64, zr64, 16, sampled_tokens=tok, tail="bucket", temperature=tau)),
+        (lambda a: tike_cuda.full_kl(a, kdev.put(zr), temperature=tau),
+         full_kl_reference(z64, zr64, temperature=tau)),
+        (lambda a: tike_cuda.token_logprobs(a, kdev.put(tok), temperature=tau),
+         token_logprobs_reference(z64, tok, temperature=tau)),
+    ]
+    for fused, exp in cases:
+        assert torch.isfinite(exp).all()
+        x = kdev.put(z.clone()).requires_grad_()
+        with kdev.api():
+            out = fused(x)
+            (grad,) = torch.autograd.grad(out, x, kdev.put(g.float()))
+        torch.testing.assert_close(out.double().cpu(), exp.detach(), rtol=1e-4, atol=1e-5)
+        (grad64,) = torch.autograd.grad(exp, z64, g)
+        assert_grads(grad.cpu(), grad64, torch.float32)
 
 
 def test_tiny_tail_mass_agrees_with_float64(kdev, gen):

@@ -896,3 +896,28 @@ def test_kernels_layouts_masks_and_reproducibility(kdev, gen):
     exp = tike_cuda.topk_kl(z.cpu(), cpu, sampled_tokens=tok.cpu(), mask=mask.cpu(), tail="bucket")
     torch.testing.assert_close(out.cpu(), exp, atol=1e-4, rtol=1e-4)
     assert support.cpu()[~mask.cpu()].eq(-1).all() and out.cpu()[~mask.cpu()].eq(0).all()
+
+
+def test_kernels_tail_far_below_a_float(kdev, gen):
+    """S~ holding ~all the mass at a low τ: log t ≈ −125 (t ~ 1e-55, below the float
+    range relative to the row max). The stored log t_q and the update's b = log(t_p/t_q)
+    + 1 keep their digits (a float tail sum relative to the max gave −inf, then b = +inf)."""
+    N, V, k, tau = 3, 3001, 300, 0.05
+    zr = make_logits((N, V), torch.float32, "cpu", generator=gen)
+    z = zr + 0.3 * torch.randn(N, V, generator=gen)
+    support = topk_ref(zr, k).int()
+    got = kdev.ops.sparse_reference(*_put(kdev, zr, support), None, None, tau)
+    exp = OPS.sparse_reference(zr, support, None, None, tau)
+    lq64 = torch.log_softmax(zr.double() / tau, -1)
+    inside = torch.zeros_like(lq64, dtype=torch.bool).scatter_(1, support.long(), True)
+    log_tq = torch.logsumexp(torch.where(inside, -INF, lq64), -1)
+    assert (log_tq < -90).all()
+    for tail in (got[2], exp[2]):
+        torch.testing.assert_close(tail.double().cpu(), log_tq, rtol=1e-5, atol=1e-3)
+    args = (exp[0], exp[1], exp[2], None, None, None, tau, True)
+    have = kdev.ops.topk_kl_sparse(kdev.put(z), *_put(kdev, *args[:3]), None, None, None, tau,
+                                   True)
+    want = OPS.topk_kl_sparse(z, *args)
+    assert torch.isfinite(want[0]).all()
+    for i in (0, 2, 3):  # out, coef, shift
+        torch.testing.assert_close(have[i].cpu(), want[i], rtol=1e-4, atol=1e-3)
