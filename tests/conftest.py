@@ -6,10 +6,32 @@ import zlib
 import pytest
 import torch
 
+import tike_cuda
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[_cuda, pytest.mark.cuda])]
+# A real GPU that the extension was built for.
+HAS_GPU = torch.cuda.is_available() and bool(getattr(tike_cuda._C, "WITH_CUDA", 0))
+
+
+class EmulatedDevice(str):
+    """The device of the "emu" test cases: tensors on the CPU (it is the string "cpu"),
+    every torch.ops.tike_cuda.* call on the CPU emulation of the CUDA kernels and glue
+    (tike_cuda.testing.emulated_cuda, entered around the test by `_emulated_device`)."""
+
+
+EMU = EmulatedDevice("cpu")
+# Where device-parametrized tests run: the CPU op, and the CUDA kernels — on a GPU when
+# there is one, else on their emulation (docs/emulation.md), so that CI runs them too.
+CUDA_PARAM = (pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda]) if HAS_GPU
+              else pytest.param(EMU, id="emu", marks=[pytest.mark.emu]))
+DEVICES = [pytest.param("cpu", id="cpu"), CUDA_PARAM]
+
+
+def on_emulation(device):
+    """Whether a test's `device` is the emulated CUDA device (keep its shapes small: the
+    emulation runs a __syncthreads of 256 threads in ~13 µs)."""
+    return isinstance(device, EmulatedDevice)
 
 # Relative size of one rounding of the gradient to the logits dtype (values are float32).
 GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -109,8 +131,9 @@ def _load_emulation():
     return testing
 
 
-KERNEL_DEVICES = [pytest.param("cuda", id="cuda", marks=[_cuda, pytest.mark.cuda]),
-                  pytest.param("emu", id="emu")]
+# The real GPU only where there is one (the emulated twin always runs).
+KERNEL_DEVICES = ([pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda])] if HAS_GPU else []) \
+    + [pytest.param("emu", id="emu", marks=[pytest.mark.emu])]
 
 
 @pytest.fixture(params=KERNEL_DEVICES)
@@ -125,6 +148,21 @@ def kdev(request):
     testing.set_thread_order(dev.order, dev.seed)
     yield dev
     testing.set_thread_order("forward", 0)
+
+
+@pytest.fixture(autouse=True)
+def _emulated_device(request):
+    """Runs a test whose `device` parameter is EMU inside emulated_cuda(), in the thread
+    order picked from its node id (as `kdev`)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or not on_emulation(callspec.params.get("device")):
+        yield
+        return
+    testing = _load_emulation()
+    order = _emu_order(request.node.nodeid)
+    request.node.user_properties.append(("thread order", order))
+    with testing.emulated_cuda(order, seed=zlib.crc32(request.node.nodeid.encode())):
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)
