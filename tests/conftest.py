@@ -1,7 +1,10 @@
 """Shared fixtures: the devices to test on, dtype tolerances, and input makers."""
 import contextlib
+import hashlib
 import os
+import tempfile
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,25 @@ import torch
 import tike_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inductor_cache_of_this_build():
+    """torch.compile's (inductor) on-disk cache, keyed by this build of the extension and
+    the package's Python sources (the fake kernels): a cache written against another
+    build — other saved-tensor shapes — is never reused. A TORCHINDUCTOR_CACHE_DIR set by
+    the caller wins."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    pkg = Path(tike_cuda.__file__).resolve().parent
+    h = hashlib.sha256(torch.__version__.encode())
+    for f in sorted(pkg.glob("*.py")) + sorted(pkg.glob("_C*")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"tike_cuda_inductor_{h.hexdigest()[:16]}")
+
+
+_inductor_cache_of_this_build()
 
 # A real GPU that the extension was built for.
 HAS_GPU = torch.cuda.is_available() and bool(getattr(tike_cuda._C, "WITH_CUDA", 0))
