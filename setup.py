@@ -132,7 +132,15 @@ setup(
         # tests pass with (tests/test_trl.py), peft for the adapter-as-reference path.
         "trl": ["trl==1.16.0", "transformers==5.24.0", "tokenizers==0.23.3", "datasets==5.2.0",
                 "accelerate==1.15.0", "peft==0.21.2"],
+        # tike_cuda.integrations.verl hooks into verl 0.9's workers: the versions its tests
+        # (tests/test_verl_*.py) pass with. They clash with [trl]'s (transformers): give
+        # each its own environment (scripts/bootstrap.sh makes .venv-verl).
+        "verl": ["verl[verl-core]==0.9.1", "transformers==5.10.4", "tokenizers==0.22.2",
+                 "ray==2.60.0", "TransferQueue==0.1.11", "tensordict==0.10.0",
+                 "hydra-core==1.3.8", "omegaconf==2.3.1"],
     },
-    entry_points={"console_scripts": ["tike-cuda=tike_cuda.__main__:main"]},
+    entry_points={"console_scripts": ["tike-cuda=tike_cuda.__main__:main"],
+                  # loaded by `import verl` (verl.__init__); TIKE where actor.kl_loss_type asks
+                  "verl.plugins": ["tike_cuda = tike_cuda.integrations.verl"]},
     zip_safe=False,
 )

@@ -404,3 +404,80 @@ def test_logprobs_kl_building_block(gen, estimator, with_old):
                                                            bias=inp["bias"], temperature=tau)
     assert only.kl is None and only.entropy is None
     close(only.logprobs[mask], lp[mask].detach())
+
+
+def _sparse_store(inp, gen, k=5, tau=0.7):
+    """A SparseReference on an older policy's top-k (the policy has moved since)."""
+    mask = inp["response_mask"]
+    tokens = torch.where(mask, inp["sampled_tokens"], torch.zeros_like(inp["sampled_tokens"]))
+    old_logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"]).detach()
+    old_logits = old_logits + 0.5 * torch.randn(old_logits.shape, generator=gen)
+    ref_logits = torch.nn.functional.linear(inp["ref_hidden"], inp["ref_weight"], inp["ref_bias"])
+    support = tike_cuda.topk_indices(old_logits, k, mask=mask)
+    return tike_cuda.sparse_reference(ref_logits, support, sampled_tokens=tokens,
+                                      temperature=tau, mask=mask), tokens
+
+
+@pytest.mark.parametrize("estimator", ["tike", "tike_bucket", "k3", "k1"])
+def test_logprobs_kl_with_a_sparse_reference(gen, estimator):
+    # the reference as stored on a fixed S~: TIKE equals topk_kl on the store, values and
+    # gradients; a sampled-token estimator reads log q(o) from it
+    inp, tau = make(gen), 0.7
+    mask, old = inp["response_mask"], inp["old_logprobs"]
+    sref, tokens = _sparse_store(inp, gen, tau=tau)
+    a, b = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    wrt = [inp["hidden"], inp["weight"], inp["bias"]]
+
+    out = tike_cuda.fused_linear.fused_linear_logprobs_kl(
+        *_args(inp)[:3], mask, bias=inp["bias"], sparse_ref=sref, kl_estimator=estimator,
+        temperature=tau, old_logprobs=old, chunk_size=7)
+    g_fused = torch.autograd.grad(((out.logprobs * a + out.kl * b) * mask).sum(), wrt)
+
+    logits = torch.nn.functional.linear(inp["hidden"], inp["weight"], inp["bias"])
+    lp = tike_cuda.token_logprobs(logits, tokens, temperature=tau)
+    if estimator.startswith("tike"):
+        kl, stats = tike_cuda.topk_kl(logits, sref, sampled_tokens=tokens, old_logprobs=old,
+                                      temperature=tau, mask=mask, return_stats=True,
+                                      tail="bucket" if estimator == "tike_bucket" else "none")
+    else:
+        kl = tike_cuda.kl_penalty(lp, sref.token_logprobs(tokens), estimator)
+        kl = torch.where(mask, kl, torch.zeros_like(kl))
+    g_ref = torch.autograd.grad(((lp * a + kl * b) * mask).sum(), wrt)
+
+    close = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * y.abs().max())
+    close(out.logprobs[mask], lp[mask].detach())
+    close(out.kl, kl.detach())
+    for x, y in zip(g_fused, g_ref):
+        close(x, y)
+    if estimator.startswith("tike"):
+        close(out.topk_mass, stats.topk_mass)
+        assert out.kl.abs().max() > 0.05  # a KL term that carries weight
+    else:
+        assert out.topk_mass is None
+
+
+def test_logprobs_kl_sparse_reference_bad_input(gen):
+    inp = make(gen)
+    mask = inp["response_mask"]
+    sref, tokens = _sparse_store(inp, gen)
+    fn = tike_cuda.fused_linear.fused_linear_logprobs_kl
+    a = _args(inp)[:3]
+    with pytest.raises(ValueError, match="'full'"):
+        fn(*a, mask, sparse_ref=sref, kl_estimator="full")
+    with pytest.raises(ValueError, match="not both"):
+        fn(*a, mask, inp["ref_hidden"], inp["ref_weight"], sparse_ref=sref)
+    with pytest.raises(TypeError, match="sparse_ref must be a tike_cuda.SparseReference"):
+        fn(*a, mask, sparse_ref=sref.as_dict())
+    with pytest.raises(ValueError, match=r"sparse_ref must describe.*\(3, 11\)"):
+        fn(*a, mask, sparse_ref=sref[:2])
+    no_o = tike_cuda.sparse_reference(torch.randn(B, T, V, generator=gen), sref.idx[..., :5],
+                                      mask=mask)
+    with pytest.raises(ValueError, match="built with sampled_tokens"):
+        fn(*a, mask, sparse_ref=no_o)
+    with pytest.raises(ValueError, match="k must be the SparseReference's support size 5"):
+        fn(*a, mask, sparse_ref=sref, k=7)
+    other = inp["sampled_tokens"].clone()
+    row = mask.nonzero()[0].tolist()
+    other[tuple(row)] = next(v for v in range(V) if v not in sref.idx[tuple(row)])
+    with pytest.raises(ValueError, match="sampled_tokens differ"):
+        fn(inp["hidden"], inp["weight"], other, mask, sparse_ref=sref)

@@ -921,3 +921,36 @@ def test_kernels_tail_far_below_a_float(kdev, gen):
     assert torch.isfinite(want[0]).all()
     for i in (0, 2, 3):  # out, coef, shift
         torch.testing.assert_close(have[i].cpu(), want[i], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logprobs_reads_log_q_of_the_sampled_token(device, gen):
+    # what a sampled-token estimator (k3, ...) needs of the reference, from the store
+    B, T, V = 4, 5, 300
+    zr = make_logits((B, T, V), torch.float32, device, generator=gen)
+    support = tike_cuda.topk_indices(make_logits((B, T, V), torch.float32, device, generator=gen), K)
+    tok = torch.randint(0, V, (B, T), generator=gen).to(device)
+    tok[0, :3] = support[0, :3, 4].long()  # o in the support: no slot of its own
+    mask = torch.rand(B, T, generator=gen).to(device) > 0.3
+    mask[0, :3] = True
+    sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=tok, mask=mask)
+    want = torch.log_softmax(zr.double(), -1).gather(-1, tok[..., None].long())[..., 0]
+    got = sref.token_logprobs(torch.where(mask, tok, -100))
+    assert got.dtype == torch.float32 and got.shape == (B, T)
+    torch.testing.assert_close(got[mask].double(), want[mask], rtol=1e-6, atol=1e-6)
+    assert got[~mask].eq(0).all()
+    assert torch.equal(sref[1:3].token_logprobs(tok[1:3]), got[1:3])
+
+
+def test_token_logprobs_bad_input(gen):
+    sref, tok = _store("cpu", gen)
+    with pytest.raises(ValueError, match="without sampled_tokens"):
+        _store("cpu", gen, sampled=False)[0].token_logprobs(tok)
+    with pytest.raises(ValueError, match="sampled_tokens must have shape"):
+        sref.token_logprobs(tok[:2])
+    with pytest.raises(TypeError, match="sampled_tokens"):
+        sref.token_logprobs(tok.float())
+    other = tok.clone()
+    other[1, 2] = next(v for v in range(400) if v not in sref.idx[1, 2])  # out of its S~
+    with pytest.raises(ValueError, match=r"differ.*row \(1, 2\)"):
+        sref.token_logprobs(other)

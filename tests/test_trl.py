@@ -6,6 +6,7 @@ beta = 1, so the KL term and the loss stay far from zero and a relative toleranc
 something; the optimizer is plain SGD, because Adam's first step is lr * sign(g) per weight
 and would turn a rounding-level gradient difference in a near-zero entry into a full step.
 """
+import copy
 import os
 import re
 import runpy
@@ -279,8 +280,11 @@ def test_fused_lm_head_config(tmp_path):
         _args(TikeGRPOConfig, tmp_path, fused_lm_head="yes")
 
 
-def test_fused_lm_head_with_peft_reproduces_trl(tiny, tmp_path):
-    # the reference's output layer is the policy's own (adapter disabled): read, detached
+@pytest.mark.parametrize("kl_reference", ["dense", "sparse"])
+def test_fused_lm_head_with_peft_reproduces_trl(tiny, tmp_path, kl_reference):
+    # the reference's output layer is the policy's own (adapter disabled): read, detached;
+    # or, with kl_reference="sparse", the reference stored at generation time (step 1 is
+    # the batch's second iteration: log q(o) from the store, no reference forward)
     peft = pytest.importorskip("peft")
 
     def lora():
@@ -291,8 +295,8 @@ def test_fused_lm_head_with_peft_reproduces_trl(tiny, tmp_path):
     _, theirs = _train(GRPOTrainer, _args(GRPOConfig, tmp_path, **common), tiny,
                        peft_config=lora())
     _, ours = _train(TikeGRPOTrainer, _args(TikeGRPOConfig, tmp_path, kl_estimator="k3",
-                                            fused_lm_head=True, **common), tiny,
-                     peft_config=lora())
+                                            fused_lm_head=True, kl_reference=kl_reference,
+                                            **common), tiny, peft_config=lora())
     _assert_same_steps(ours, theirs)
 
 
@@ -304,3 +308,136 @@ def test_fused_lm_head_refuses_a_soft_cap(tiny, tmp_path):
         TikeGRPOTrainer(model=model, reward_funcs=vowel_reward,
                         args=_args(TikeGRPOConfig, tmp_path, fused_lm_head=True),
                         train_dataset=prompt_dataset(4), processing_class=tokenizer)
+
+
+# -- kl_reference="sparse": the reference stored on S~ once per generation batch -------------
+
+class _Recording(TikeGRPOTrainer):
+    """Records, per loss: the micro-batch, the policy's float32 logits at the completion
+    positions before the loss's forward, TRL's loss without a KL term (TRL's own
+    _compute_loss with beta = 0), the per-token KL term, the loss; per generation whether
+    the old policy's top-k came from TRL's own old-log-prob forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records, self.support_from_trl = [], []
+
+    def _compute_loss(self, model, inputs):
+        n = inputs["completion_ids"].size(1)
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                           attention_mask=torch.cat([inputs["prompt_mask"],
+                                                     inputs["completion_mask"]], 1)).logits
+        record = dict(step=self._step, inputs=inputs, logits=logits[:, -n - 1:-1].float())
+        metrics = copy.deepcopy(self._metrics)  # TRL logs what it computes: not this one
+        with torch.no_grad(), self._trl_kl_off():
+            record["policy_term"] = GRPOTrainer._compute_loss(self, model, inputs)
+        self._metrics = metrics
+        self.records.append(record)
+        loss = super()._compute_loss(model, inputs)
+        record["loss"] = loss.detach()
+        return loss
+
+    def kl_term(self, *args):
+        kl, mass = super().kl_term(*args)
+        self.records[-1]["kl"] = kl.detach()
+        return kl, mass
+
+    def _sparse_reference_store(self, batch, support):
+        self.support_from_trl.append(support is not None)
+        return super()._sparse_reference_store(batch, support)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(kl_estimator="tike"),
+    dict(kl_estimator="tike_bucket", loss_type="grpo", temperature=0.7, fused_lm_head=True),
+], ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_sparse_reference_first_iteration_is_dense(tiny, tmp_path, overrides):
+    # num_iterations = 1: every batch is used once, by the policy that sampled it, so S~ is
+    # the current policy's top-k and the stored reference gives dense TIKE's loss and KL.
+    # TRL computes no old log-probs here: the policy's body runs once more for its top-k.
+    common = dict(num_iterations=1, kl_topk=8, **overrides)
+    dense_args = {k: v for k, v in common.items() if k != "fused_lm_head"}
+    _, dense = _train(TikeGRPOTrainer, _args(TikeGRPOConfig, tmp_path, **dense_args), tiny)
+    trainer, sparse = _train(_Recording, _args(TikeGRPOConfig, tmp_path, kl_reference="sparse",
+                                               **common), tiny)
+    _assert_same_steps(sparse, dense, keys=("loss", "kl", "kl_topk_mass"))
+    assert trainer.support_from_trl == [False, False]
+    assert all(row["kl"] > 0.1 for row in sparse)
+    for record in trainer.records:  # the store travelled with the batch, 8 + 1 ids a token
+        assert record["inputs"]["ref_sparse_idx"].shape == record["inputs"]["completion_ids"].shape + (9,)
+
+
+@pytest.mark.parametrize("fused_lm_head", [False, True])
+def test_sparse_reference_later_iterations(tiny, tmp_path, fused_lm_head):
+    # num_iterations = 2: steps 0 and 2 generate, step 1 reuses step 0's batch with a policy
+    # that has moved. The reference model's body runs at generation only, and step 1's KL is
+    # TIKE on the fixed S~ = (top-8 of the policy that sampled) ∪ {o}, as the float64
+    # reference computes it, with TRL's old log-probs in the importance weight.
+    from tike_cuda.reference import topk_indices, topk_kl_reference
+    k, tail = 8, "bucket"
+    args = _args(TikeGRPOConfig, tmp_path, kl_reference="sparse", kl_estimator="tike_bucket",
+                 kl_topk=k, max_steps=3, loss_type="bnpo", fused_lm_head=fused_lm_head)
+    trainer = _trainer(_Recording, args, tiny)
+    ref_calls = []
+    hook = trainer.ref_model.base_model.register_forward_hook(
+        lambda *_: ref_calls.append(trainer._step))
+    trainer.train()
+    hook.remove()
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+
+    assert sorted(set(ref_calls)) == [0, 2]  # never at step 1
+    assert trainer.support_from_trl == [True, True]  # TRL's old-policy forward gave the top-k
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor([r["loss"], r["kl"]])).all()
+                                  for r in rows)
+    first, second = trainer.records[:2]
+    inputs, mask = second["inputs"], second["inputs"]["completion_mask"].bool()
+    assert first["inputs"] is inputs and second["step"] == 1
+    tokens = inputs["completion_ids"]
+    support = topk_indices(first["logits"], k)  # the old policy's, at generation
+    stored = inputs["ref_sparse_idx"][..., :k]
+    assert torch.equal(stored[mask].long(), support[mask])
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], tokens], 1)
+        attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        ref_logits = trainer.ref_model(input_ids=ids, attention_mask=attention).logits
+    ref_logits = ref_logits[:, -tokens.size(1) - 1:-1]
+    expected = topk_kl_reference(second["logits"], ref_logits, k, sampled_tokens=tokens,
+                                 old_logprobs=inputs["old_per_token_logps"], mask=mask,
+                                 support=support, tail=tail)
+    torch.testing.assert_close(second["kl"].double(), expected, rtol=1e-5, atol=1e-6)
+    kl_mean = (expected * mask).sum() / mask.sum()
+    assert abs(rows[1]["kl"] - kl_mean.item()) <= 1e-5 * kl_mean.item()
+    # the loss: TRL's policy term + beta (= 1) * the KL's bnpo mean
+    loss = second["policy_term"].double() + kl_mean
+    torch.testing.assert_close(second["loss"].double(), loss, rtol=1e-5, atol=1e-6)
+    assert kl_mean > 0.1 and abs(second["policy_term"]) < kl_mean
+    dense = topk_kl_reference(second["logits"], ref_logits, k, sampled_tokens=tokens,
+                              old_logprobs=inputs["old_per_token_logps"], mask=mask, tail=tail)
+    dense_mean = (dense * mask).sum() / mask.sum()
+    # the policy moved: S~ of step 1 is not its current top-k, and that shows in the KL
+    assert (topk_indices(second["logits"], k) != support)[mask].any()
+    assert abs(dense_mean - kl_mean) > 1e-3 * kl_mean
+
+
+def test_sparse_reference_k3_reproduces_trl(tiny, tmp_path):
+    # TRL, too, runs its reference once per generation batch and keeps log q(o): k3 on the
+    # stored log q(o) is TRL's own KL term, step by step, across iterations
+    common = dict(max_steps=3)
+    _, theirs = _train(GRPOTrainer, _args(GRPOConfig, tmp_path, **common), tiny)
+    _, ours = _train(TikeGRPOTrainer, _args(TikeGRPOConfig, tmp_path, kl_estimator="k3",
+                                            kl_reference="sparse", **common), tiny)
+    _assert_same_steps(ours, theirs)
+
+
+def test_sparse_reference_config(tmp_path):
+    assert _args(TikeGRPOConfig, tmp_path).kl_reference == "dense"
+    with pytest.raises(ValueError, match="kl_reference must be one of"):
+        _args(TikeGRPOConfig, tmp_path, kl_reference="stored")
+    # "full" needs the reference's whole distribution: refused when it is stored on S~ only
+    with pytest.raises(ValueError, match="kl_estimator='full'.*kl_reference='sparse'"):
+        _args(TikeGRPOConfig, tmp_path, kl_estimator="full", kl_reference="sparse")
+    for estimator in ("tike", "tike_bucket", "k1", "abs", "k2", "k3", "low_var_kl"):
+        for fused in (False, True):
+            _args(TikeGRPOConfig, tmp_path, kl_estimator=estimator, kl_reference="sparse",
+                  fused_lm_head=fused)

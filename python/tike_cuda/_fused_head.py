@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import grpo
 from .estimators import SAMPLED_ESTIMATORS, kl_penalty
+from .sparse import SparseReference
 
 # "in_forward" (default): each chunk's gradient is formed right after its forward (the
 # aggregation's per-token weights depend on the mask only, so they are known up front) and
@@ -52,6 +53,9 @@ class _Batch:
     where: Optional[Tensor]  # [M] row ids in [0, N); None when every row is a response row
     n_rows: int
     need: tuple      # gradients wanted for (hidden, weight, bias)
+    # A SparseReference over the response rows [M]: the reference comes from the store (its
+    # log q(o), or TIKE on its S~), and no reference head is read.
+    sref: Optional[SparseReference] = None
 
 
 @dataclass
@@ -86,13 +90,17 @@ def _chunk_forward(cfg: _Settings, r: _Rows, bt: _Batch, s: int, e: int):
     chunk z (and, for "full", the reference chunk) is returned for an immediate backward."""
     ops, tau, tok = torch.ops.tike_cuda, cfg.temperature, bt.tok[s:e]
     est, ent, zr, ref_lp, mass = cfg.kl_estimator, None, None, None, None
+    sref = None if bt.sref is None else bt.sref[s:e]
     if est is None or est in SAMPLED_ESTIMATORS:
-        if est is not None:  # the reference chunk is read, reduced to log q(o) and dropped
+        if sref is not None:  # log q(o), stored
+            ref_lp = sref.token_logprobs(tok)
+        elif est is not None:  # the reference chunk is read, reduced to log q(o) and dropped
             ref_lp = ops.token_logprobs(r.logits(s, e, ref=True), tok, tau, False)[0]
         z = r.logits(s, e)
         lp, ent, lse = ops.token_logprobs(z, tok, tau, cfg.return_entropy)
         return z, None, (lp, ref_lp, ent, None), (lse,)
-    z, zr = r.logits(s, e), r.logits(s, e, ref=True)
+    z = r.logits(s, e)
+    zr = None if sref is not None else r.logits(s, e, ref=True)
     if est == "full":
         kl, lse_p, lse_q = ops.full_kl(z, zr, None, tau)
         # lse_p is [N, 2] = (max z, log Σ exp((z − max)/τ)) (docs/kernels.md)
@@ -100,8 +108,14 @@ def _chunk_forward(cfg: _Settings, r: _Rows, bt: _Batch, s: int, e: int):
         saved = (kl, lse_p, lse_q)
     else:  # one pass gives the KL and log p(o) (the kernel's stats[:, 1])
         old = None if bt.old is None else bt.old[s:e]
-        kl, lse, idx, coef, shift, stats = ops.topk_kl(z, zr, cfg.k, tok, old, None, tau, True,
-                                                       est == "tike_bucket")
+        bucket = est == "tike_bucket"
+        if sref is None:
+            kl, lse, idx, coef, shift, stats = ops.topk_kl(z, zr, cfg.k, tok, old, None, tau,
+                                                           True, bucket)
+        else:  # TIKE on the stored S~: the same outputs, S~ given
+            idx = sref.idx
+            kl, lse, coef, shift, stats = ops.topk_kl_sparse(
+                z, idx, sref.logprobs, sref.tail_logmass, tok, old, None, tau, bucket)
         lp, mass, zr, saved = stats[:, 1].contiguous(), stats[:, 0], None, (lse, idx, coef, shift)
     if cfg.return_entropy:  # no KL kernel computes the entropy: one more read of z
         ent = ops.token_logprobs(z, tok, tau, True)[1]

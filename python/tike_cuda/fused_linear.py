@@ -22,6 +22,7 @@ from torch import Tensor
 from . import _checks, grpo
 from ._fused_head import GRADIENT_MODES, _Batch, _GradInForward, _Recompute, _Settings
 from .estimators import ESTIMATORS, SAMPLED_ESTIMATORS, kl_penalty, per_token_kl
+from .sparse import SparseReference
 from .token_logprobs import token_logprobs
 
 __all__ = ["FusedLinearGRPOLoss", "fused_linear_grpo_loss", "fused_linear_logprobs_kl",
@@ -130,6 +131,32 @@ def _check_all(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tokens, o
                          f"got ({ref_hidden.dtype}, {ref_hidden.device})")
 
 
+def _check_sparse_ref(sparse_ref, ref_hidden, kl_estimator, k, tokens, mask, V):
+    """A SparseReference standing in for the reference head: it must describe the response
+    tokens' [B, T] and hold S~ ∪ {o}. Returns the k to use (the store's)."""
+    if not isinstance(sparse_ref, SparseReference):
+        raise TypeError(f"sparse_ref must be a tike_cuda.SparseReference or None, got "
+                        f"{type(sparse_ref).__name__}")
+    if ref_hidden is not None:  # (_check_all: ref_weight comes with it)
+        raise ValueError("pass the reference either as ref_hidden/ref_weight or as sparse_ref, "
+                         "not both")
+    if kl_estimator == "full":
+        raise ValueError("kl_estimator='full' needs the reference's whole distribution; a "
+                         "sparse_ref holds it on S~ only (use 'tike', 'tike_bucket' or a "
+                         "sampled-token estimator)")
+    if tuple(sparse_ref.shape) != tuple(tokens.shape) or sparse_ref.device != tokens.device:
+        raise ValueError(f"sparse_ref must describe the response tokens: shape "
+                         f"{tuple(tokens.shape)} on {tokens.device}, got "
+                         f"{tuple(sparse_ref.shape)} on {sparse_ref.device}")
+    if not sparse_ref.united:
+        raise ValueError("sparse_ref must be built with sampled_tokens (S~ = support ∪ {o})")
+    # k, the ids and the tokens, as topk_kl checks a store (a zero-size view stands in for
+    # the [B, T, V] logits this path never holds)
+    _checks.sparse_ref(sparse_ref, torch.empty((), device=tokens.device).expand(*tokens.shape, V),
+                       k, tokens, True, _checks.as_bool_mask(mask, "response_mask"))
+    return sparse_ref.k
+
+
 def chunk_rows(V: int, dtype: torch.dtype, kl_estimator: Optional[str],
                memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
     """Rows per chunk so that the chunk's logits-sized buffers fit in ``memory_budget`` bytes
@@ -152,19 +179,22 @@ class FusedTokenOutputs(NamedTuple):
 
 def _setup(hidden, weight, sampled_tokens, response_mask, old_logprobs, advantages, agg_weight,
            ref_hidden, kl_estimator, k, temperature, return_entropy, chunk_size, memory_budget,
-           beta=0.0, clip_eps=0.2, clip_eps_high=None):
+           beta=0.0, clip_eps=0.2, clip_eps_high=None, sparse_ref=None):
     """The checked settings and the response rows' per-token inputs (the one host sync)."""
-    est = _checks.choice(kl_estimator, "kl_estimator", ESTIMATORS) if ref_hidden is not None \
-        else None
+    est = _checks.choice(kl_estimator, "kl_estimator", ESTIMATORS) \
+        if ref_hidden is not None or sparse_ref is not None else None
     temperature = _checks.temperature(temperature)
     V = weight.shape[0]
-    k = _checks.k_value(k, V)
+    k = _checks.k_value(k, V) if sparse_ref is None else \
+        _check_sparse_ref(sparse_ref, ref_hidden, est, k, sampled_tokens, response_mask, V)
     _checks.flag(return_entropy, "return_entropy")
     if chunk_size is None:
         if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral) \
                 or memory_budget < 1:
             raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
-        chunk_size = chunk_rows(V, hidden.dtype, est, int(memory_budget))
+        # with a store, no reference chunk is ever formed: the policy's alone
+        chunk_size = chunk_rows(V, hidden.dtype, None if sparse_ref is not None else est,
+                                int(memory_budget))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (rows) or None, got {chunk_size!r}")
     B, T = sampled_tokens.shape
@@ -184,9 +214,10 @@ def _setup(hidden, weight, sampled_tokens, response_mask, old_logprobs, advantag
         (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(B, T)
     cfg = _Settings(beta, clip_eps, clip_eps_high, temperature, est, k, return_entropy,
                     int(chunk_size))
+    sref = None if sparse_ref is None else sparse_ref.reshape(-1)
     return _Batch(cfg, tok, None if old_logprobs is None else take(old_logprobs.detach()),
                   take(adv.detach()), take(zeros if agg_weight is None else agg_weight),
-                  where, B * T, ()), flat
+                  where, B * T, (), sref if where is None or sref is None else sref[where]), flat
 
 
 def _needs(*tensors) -> tuple:
@@ -212,7 +243,8 @@ def fused_linear_logprobs_kl(hidden: Tensor, weight: Tensor, sampled_tokens: Ten
                              k: int = 16, temperature: float = 1.0,
                              old_logprobs: Optional[Tensor] = None, return_entropy: bool = False,
                              chunk_size: Optional[int] = None,
-                             memory_budget: int = DEFAULT_MEMORY_BUDGET) -> FusedTokenOutputs:
+                             memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                             sparse_ref: Optional[SparseReference] = None) -> FusedTokenOutputs:
     """Per-token ``log p(o)`` and KL from the hidden states, for any loss built on them.
 
     The same values and gradients as ``token_logprobs(logits, tokens)`` and
@@ -223,12 +255,18 @@ def fused_linear_logprobs_kl(hidden: Tensor, weight: Tensor, sampled_tokens: Ten
     (optional) gives TIKE its importance weight, as in ``per_token_kl``. Without a
     reference, ``kl`` is None. ``entropy`` (with ``return_entropy``) and ``topk_mass``
     (Σ_{S~} p_v, for "tike"/"tike_bucket") are detached. Returns :class:`FusedTokenOutputs`.
+
+    ``sparse_ref`` (a :class:`tike_cuda.SparseReference` ``[B, T]`` built with the sampled
+    tokens, instead of ``ref_hidden``/``ref_weight``): the reference as stored on a fixed
+    S~ — "tike"/"tike_bucket" then equal ``topk_kl(logits, sparse_ref, ...)`` (S~ and k
+    the store's), a sampled-token estimator reads ``log q(o)`` from it; "full" is refused.
+    No reference head is read, and only the policy's chunk of logits is ever formed.
     """
     _check_all(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, sampled_tokens,
                old_logprobs, None, response_mask, grpo_inputs=False)
     bt, flat = _setup(hidden, weight, sampled_tokens, response_mask, old_logprobs, None, None,
                       ref_hidden, kl_estimator, k, temperature, return_entropy, chunk_size,
-                      memory_budget)
+                      memory_budget, sparse_ref=sparse_ref)
     bt.need = _needs(hidden, weight, bias)
     return _recomputed(bt, flat, (hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
                        sampled_tokens.shape)

@@ -165,6 +165,28 @@ class SparseReference:
                                torch.cat([r.logprobs for r in refs], dim),
                                torch.cat([r.tail_logmass for r in refs], dim), refs[0].k)
 
+    def token_logprobs(self, sampled_tokens: Tensor) -> Tensor:
+        """``log q(o)`` per position, read from the store: all a sampled-token estimator
+        (k1, k3, ...) needs of the reference. float32 ``[...]``.
+
+        ``sampled_tokens`` (int ``[...]``): the tokens the store was built with — S~ holds
+        each exactly once (column k, or its support column). Rows masked at build time
+        (an empty S~) give 0. On the CPU a token missing from its row's S~ is an error.
+        """
+        if not self.united:
+            raise ValueError("this SparseReference was built without sampled_tokens: it holds "
+                             "no log q(o)")
+        if _checks.per_token(sampled_tokens, self.idx, "sampled_tokens", "int") is None:
+            raise TypeError("sampled_tokens must be a torch.Tensor, got None")
+        hit = (self.idx == sampled_tokens.unsqueeze(-1)) & (self.idx >= 0)
+        if _checks.data_checks_possible(self.idx, sampled_tokens):
+            missing = (self.idx >= 0).any(-1) & ~hit.any(-1)
+            if missing.any():
+                raise ValueError("sampled_tokens differ from those the SparseReference was "
+                                 f"built with (row {tuple(missing.nonzero()[0].tolist())})")
+        # One hit per row (or none on masked rows): the sum is that entry, exactly.
+        return torch.where(hit, self.logprobs, torch.zeros((), device=self.device)).sum(-1)
+
     def as_dict(self) -> Dict[str, object]:
         """A plain dict (tensors and the int k), e.g. to store beside other rollout data."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

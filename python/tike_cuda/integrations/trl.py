@@ -55,9 +55,17 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 import tike_cuda  # noqa: E402
+from tike_cuda import SparseReference  # noqa: E402
 from tike_cuda.estimators import ESTIMATORS, SAMPLED_ESTIMATORS  # noqa: E402
+from tike_cuda.fused_linear import chunk_rows  # noqa: E402
 
-__all__ = ["TikeGRPOConfig", "TikeGRPOTrainer", "SUPPORTED_TRL", "TESTED_TRL"]
+__all__ = ["TikeGRPOConfig", "TikeGRPOTrainer", "SUPPORTED_TRL", "TESTED_TRL", "KL_REFERENCES",
+           "SPARSE_REFERENCE_KEYS"]
+
+KL_REFERENCES = ("dense", "sparse")
+# The batch keys of the sparse reference's fields (SparseReference.idx, .logprobs,
+# .tail_logmass): plain [B, T(, K1)] tensors, so TRL shuffles and splits them with the batch.
+SPARSE_REFERENCE_KEYS = ("ref_sparse_idx", "ref_sparse_logprobs", "ref_sparse_tail_logmass")
 
 
 @dataclass
@@ -74,6 +82,17 @@ class TikeGRPOConfig(GRPOConfig):
         fused_lm_head (`bool`, defaults to False): form the KL term from the output layers'
             hidden states in chunks of rows (``tike_cuda.fused_linear``), never holding a
             ``[B, T, V]`` logits tensor, as TRL's own path does for its log-probs.
+        kl_reference (`str`, defaults to ``"dense"``): how the reference reaches the KL term.
+            ``"dense"``: the reference model runs at update time, per micro-batch and per
+            iteration, and its logits are read whole. ``"sparse"``: it runs once per
+            generation batch, where TRL computes its reference log-probs, and only a
+            :class:`tike_cuda.SparseReference` is kept — ``log q`` on S~ = the old policy's
+            top-``kl_topk`` ∪ {sampled token}, and the tail mass: N·K1·8 + N·4 bytes for the
+            N completion positions (K1 = k + 1; 140 bytes a token at k = 16). "tike" and
+            "tike_bucket" are then TIKE on that fixed S~ (the same as "dense" on a batch's
+            first iteration, where the old policy is the current one); the sampled-token
+            estimators read ``log q(o)`` from it; "full" needs the whole reference
+            distribution and is refused.
     """
 
     kl_estimator: str = field(
@@ -84,6 +103,10 @@ class TikeGRPOConfig(GRPOConfig):
     fused_lm_head: bool = field(
         default=False, metadata={"help": "KL term from hidden states in chunks of rows, without "
                                          "[B, T, V] logits (tike_cuda.fused_linear)."})
+    kl_reference: str = field(
+        default="dense", metadata={"help": "'dense': the reference's logits at update time; "
+                                           "'sparse': a SparseReference stored once per "
+                                           "generation batch."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,6 +118,14 @@ class TikeGRPOConfig(GRPOConfig):
             raise ValueError(f"kl_topk must be an int >= 1, got {self.kl_topk!r}")
         if not isinstance(self.fused_lm_head, bool):
             raise ValueError(f"fused_lm_head must be a bool, got {self.fused_lm_head!r}")
+        if self.kl_reference not in KL_REFERENCES:
+            raise ValueError(f"kl_reference must be one of {list(KL_REFERENCES)}, "
+                             f"got {self.kl_reference!r}")
+        if self.kl_reference == "sparse" and self.kl_estimator == "full":
+            raise ValueError("kl_estimator='full' needs the reference's whole distribution at "
+                             "update time; kl_reference='sparse' stores it on S~ only. Use "
+                             "'tike' or 'tike_bucket' (or a sampled-token estimator), or "
+                             "kl_reference='dense'")
 
 
 class TikeGRPOTrainer(GRPOTrainer):
@@ -137,17 +168,55 @@ class TikeGRPOTrainer(GRPOTrainer):
       ``tike_cuda.fused_linear.DEFAULT_MEMORY_BUDGET`` bytes together), the policy's
       recomputed in the backward.
     * compute: one more output-layer projection per micro-batch for the policy (forward and
-      backward; with ``fused_lm_head`` one more again, recomputed) and one for the reference; the reference's forward runs per micro-batch and
-      per iteration (``num_iterations`` times per generation batch) instead of once per
-      generation batch, and TRL's own reference pass at generation time is skipped.
+      backward; with ``fused_lm_head`` one more again, recomputed) and one for the
+      reference; the reference's forward runs per micro-batch and per iteration
+      (``num_iterations`` times per generation batch) instead of once per generation
+      batch, and TRL's own reference pass at generation time is skipped.
+
+    With ``kl_reference="sparse"`` the reference runs once per generation batch instead:
+
+    * at generation time (:meth:`_generate_and_score_completions`, where TRL computes its
+      ``ref_per_token_logps``): the old policy's top-k ids ``S`` =
+      ``tike_cuda.topk_indices`` of its float32 logits at the completion positions, then
+      the reference's body and ``tike_cuda.sparse_reference(ref_logits, S, sampled_tokens=o,
+      temperature=τ, mask)``. Both projections run over chunks of rows
+      (``tike_cuda.fused_linear.DEFAULT_MEMORY_BUDGET`` bytes of logits at a time). The old
+      policy's logits come from the last hidden states of TRL's own old-log-prob forward
+      when TRL runs one: whenever the policy may move before the batch's last use
+      (``gradient_accumulation_steps`` not a multiple of ``steps_per_generation ×
+      num_iterations``, e.g. ``num_iterations > 1`` with the defaults), and with vLLM's
+      importance-sampling correction. Where TRL runs none (e.g. ``num_iterations == 1``:
+      TRL then takes the old log-probs from the update's own forward) the policy's body
+      runs once more per generation batch, without gradient — the one extra forward of
+      this mode, about a third of a training forward and backward.
+    * the store's fields travel in the batch (:data:`SPARSE_REFERENCE_KEYS`), shuffled and
+      split into micro-batches with it, and live until the next generation.
+    * at update time, per micro-batch and iteration: no reference forward and no reference
+      logits; "tike"/"tike_bucket" are ``tike_cuda.topk_kl(logits, store, ...)`` (with
+      ``fused_lm_head``: ``fused_linear_logprobs_kl(..., sparse_ref=store)``), TIKE with
+      the current policy's p on the stored S~ and the same weight ``w``; the sampled-token
+      estimators use the stored ``log q(o)``. ``kl_topk_mass`` is Σ_{S~} p_v on that S~.
+
+    Against "dense" this saves, per micro-batch, the reference's float32 ``[B, T, V]``
+    logits at update time (4·B·T·V bytes; with ``fused_lm_head`` its chunks and its
+    projection) and the reference's forward on every iteration after a batch's first
+    (``num_iterations`` reference forwards per sample become one). It costs the store,
+    N·K1·8 + N·4 bytes per generation batch of N completion positions (K1 = ``kl_topk``
+    + 1: 140 bytes a token at k = 16; 2.3 MB at N = 16,384), an output-layer projection of
+    the old policy for its top-k, and the policy forward above where TRL runs none.
+    Until the policy moves after generation (a batch's first iteration, with the default
+    ``steps_per_generation``) it equals "dense": S~ is the current policy's top-k. After,
+    S~ stays the old policy's: TIKE on a fixed support, bounded and smooth in the logits
+    (docs/sparse_reference.md).
 
     Not supported with ``beta > 0`` (a clear error at construction): vision-language
     models, an adapter on the output layer, FSDP and DeepSpeed ZeRO-3.
 
-    Where variants slot in: :meth:`_reference_hidden` says where the reference comes from
-    (its result is handed to :meth:`kl_term` untouched, so a sparse reference stored at
-    generation time can replace it), and :meth:`kl_term` gets the policy's hidden states,
-    not logits (so a fused output-layer loss can replace the ``[B, T, V]`` projection).
+    Where variants slot in: :meth:`_reference` says where the reference comes from (the
+    reference model's hidden states, or the stored :class:`tike_cuda.SparseReference`;
+    its result is handed to :meth:`kl_term` untouched), and :meth:`kl_term` gets the
+    policy's hidden states, not logits (so a fused output-layer loss can replace the
+    ``[B, T, V]`` projection).
     """
 
     def __init__(self, model, reward_funcs=None, args: TikeGRPOConfig | None = None, **kwargs):
@@ -156,6 +225,7 @@ class TikeGRPOTrainer(GRPOTrainer):
             args = TikeGRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-GRPO")
         if not isinstance(args, TikeGRPOConfig):
             raise TypeError(f"args must be a TikeGRPOConfig, got {type(args).__name__}")
+        self._old_support = None  # while generating with kl_reference="sparse": π_old's top-k
         super().__init__(model, reward_funcs, args, **kwargs)
         if self.beta != 0.0:
             self._check_supported()
@@ -195,8 +265,36 @@ class TikeGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if self.beta == 0.0:
             return super()._generate_and_score_completions(inputs)
-        with self._trl_kl_off():
-            return super()._generate_and_score_completions(inputs)
+        if self.args.kl_reference == "dense":
+            with self._trl_kl_off():
+                return super()._generate_and_score_completions(inputs)
+        self._old_support = []  # filled by TRL's old-policy forward, if it runs one
+        try:
+            with self._trl_kl_off():
+                batch = super()._generate_and_score_completions(inputs)
+            support = torch.cat(self._old_support) if self._old_support else None
+        finally:
+            self._old_support = None
+        store = self._sparse_reference_store(batch, support)
+        batch.update(zip(SPARSE_REFERENCE_KEYS, (store.idx, store.logprobs, store.tail_logmass)))
+        return batch
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask,
+                                           logits_to_keep, *args, **kwargs):
+        """TRL's; while a sparse reference is being built, the old policy's top-k ids are
+        taken from the same forward (its body's last hidden states)."""
+        if self._old_support is None or model is not self.model:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        lm = self._causal_lm(model)
+        with _last_hidden_states(lm) as captured:
+            out = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        hidden = _one_forward(captured, input_ids.size(0), "_get_per_token_logps_and_entropies")
+        self._old_support.append(self._old_topk(
+            lm, _completion_positions(hidden, logits_to_keep),
+            attention_mask[:, -logits_to_keep:]))
+        return out
 
     def _compute_loss(self, model, inputs):
         if self.beta == 0.0:
@@ -206,12 +304,13 @@ class TikeGRPOTrainer(GRPOTrainer):
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         # The reference first: no graph is alive yet, and only its hidden states are kept.
-        ref = self._reference_hidden(inputs)
+        ref = self._reference(inputs)
         policy_lm = self._causal_lm(model)
         n_policy_loss = len(self._metrics[mode].get("policy_loss", ()))  # no empty key
         with self._trl_kl_off(), _last_hidden_states(policy_lm) as captured:
             loss = super()._compute_loss(model, inputs)
-        hidden = _completion_positions(_one_forward(captured, mask.size(0)), mask.size(1))
+        hidden = _completion_positions(_one_forward(captured, mask.size(0), "_compute_loss"),
+                                       mask.size(1))
 
         per_token_kl, topk_mass = self.kl_term(policy_lm, hidden, ref, inputs, mask)
         kl_loss, kl_in_policy_loss = self._reduce_like_trl(self.beta * per_token_kl, mask,
@@ -231,21 +330,27 @@ class TikeGRPOTrainer(GRPOTrainer):
         """Per-token KL ``[B, T]`` (zero where ``mask`` is 0) and the top-k mass (or None).
 
         ``hidden``: the policy's last hidden states at the completion positions ``[B, T, H]``
-        (with gradient); ``ref``: what :meth:`_reference_hidden` returned. The one place the
-        KL term is formed (a sparse reference stored at generation time, or a fused
-        output layer that never materialises logits, replace this method).
+        (with gradient); ``ref``: what :meth:`_reference` returned — the reference's causal
+        LM and hidden states, or the stored SparseReference (``topk_kl`` takes it in place
+        of the reference logits). The one place the KL term is formed.
         """
         if self.args.fused_lm_head:
             return self._fused_kl_term(policy_lm, hidden, ref, inputs, mask)
         tokens = inputs["completion_ids"]
         estimator, tau = self.args.kl_estimator, self.temperature
-        with torch.no_grad():
-            ref_logits = self.output_logits(*ref)
+        stored = isinstance(ref, SparseReference)
+        if stored:  # topk_kl takes it where the reference logits go; S~ (and k) are its own
+            ref_logits, k = ref, ref.k
+        else:
+            with torch.no_grad():
+                ref_logits = self.output_logits(*ref)
+            k = min(self.args.kl_topk, ref_logits.size(-1))
         logits = self.output_logits(policy_lm, hidden)
         topk_mass = None
         if estimator in SAMPLED_ESTIMATORS:
             logp = tike_cuda.token_logprobs(logits, tokens, temperature=tau)
-            ref_logp = tike_cuda.token_logprobs(ref_logits, tokens, temperature=tau)
+            ref_logp = ref.token_logprobs(tokens) if stored else \
+                tike_cuda.token_logprobs(ref_logits, tokens, temperature=tau)
             del ref_logits
             kl = tike_cuda.kl_penalty(logp, ref_logp, estimator)
             weight = self._kl_weight(logp, inputs, mask)  # differentiable, as TRL's
@@ -262,7 +367,7 @@ class TikeGRPOTrainer(GRPOTrainer):
                 # Nothing else reads these logits (the output layer's backward needs only its
                 # input and weight): the gradient may overwrite them.
                 kl, stats = tike_cuda.topk_kl(
-                    logits, ref_logits, min(self.args.kl_topk, logits.size(-1)),
+                    logits, ref_logits, k,
                     sampled_tokens=tokens, temperature=tau, mask=mask.bool(),
                     tail="bucket" if estimator == "tike_bucket" else "none",
                     return_stats=True, inplace_backward=True)
@@ -274,20 +379,24 @@ class TikeGRPOTrainer(GRPOTrainer):
     def _fused_kl_term(self, policy_lm, hidden, ref, inputs, mask):
         """:meth:`kl_term` with ``args.fused_lm_head``: the same float32 computation by
         ``tike_cuda.fused_linear.fused_linear_logprobs_kl``, over chunks of rows of the output
-        layers (its backward recomputes each chunk's policy logits)."""
-        ref_lm, ref_hidden = ref
-        head, ref_head = policy_lm.get_output_embeddings(), ref_lm.get_output_embeddings()
+        layers (its backward recomputes each chunk's policy logits); a stored SparseReference
+        stands in for the reference's output layer (``sparse_ref=``)."""
+        head = policy_lm.get_output_embeddings()
         scale, _ = _logit_scale_and_softcap(policy_lm.config)
-        frozen = lambda t: None if t is None else t.detach().float()
+        if isinstance(ref, SparseReference):  # built at τ on the scaled logits: consistent
+            reference, k = dict(sparse_ref=ref), ref.k
+        else:
+            (ref_lm, ref_hidden), frozen = ref, lambda t: None if t is None else t.detach().float()
+            ref_head = ref_lm.get_output_embeddings()
+            reference = dict(ref_hidden=ref_hidden.float(), ref_weight=frozen(ref_head.weight),
+                             ref_bias=frozen(ref_head.bias))
+            k = min(self.args.kl_topk, head.weight.size(0))
         estimator = self.args.kl_estimator
         with torch.autocast(hidden.device.type, enabled=False):
             out = tike_cuda.fused_linear.fused_linear_logprobs_kl(
                 hidden.float(), head.weight.float(), inputs["completion_ids"], mask,
-                ref_hidden.float(), frozen(ref_head.weight),
-                bias=None if head.bias is None else head.bias.float(),
-                ref_bias=frozen(ref_head.bias), kl_estimator=estimator,
-                k=min(self.args.kl_topk, head.weight.size(0)),
-                temperature=self.temperature / scale)  # softmax(scale · z / τ)
+                bias=None if head.bias is None else head.bias.float(), kl_estimator=estimator,
+                k=k, temperature=self.temperature / scale, **reference)  # softmax(scale · z / τ)
         if estimator in SAMPLED_ESTIMATORS:
             weight = self._kl_weight(out.logprobs, inputs, mask)  # differentiable, as TRL's
         elif self.args.use_bias_correction_kl and "old_per_token_logps" in inputs:
@@ -308,13 +417,19 @@ class TikeGRPOTrainer(GRPOTrainer):
             log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
         return torch.exp(log_ratio)
 
+    def _reference(self, inputs):
+        """What :meth:`kl_term` gets as the reference of this micro-batch: the stored
+        SparseReference (``kl_reference="sparse"``), else :meth:`_reference_hidden`."""
+        if self.args.kl_reference == "sparse":
+            idx, logprobs, tail = (inputs[key] for key in SPARSE_REFERENCE_KEYS)
+            return SparseReference(idx, logprobs, tail, idx.size(-1) - 1)  # S~ = S ∪ {o}
+        return self._reference_hidden(inputs)
+
     @torch.no_grad()
     def _reference_hidden(self, inputs):
         """The reference causal LM (whose output layer maps the states to logits) and its last
         hidden states at the completion positions ``[B, T, H]``."""
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        n = inputs["completion_ids"].size(1)
+        input_ids, attention_mask, n = _sequences(inputs)
         if self.ref_model is not None:
             lm = self._causal_lm(self.ref_model)
             return lm, _completion_positions(self._backbone(lm, input_ids, attention_mask), n)
@@ -325,6 +440,66 @@ class TikeGRPOTrainer(GRPOTrainer):
                 self.model, self.args.gradient_checkpointing_kwargs):
             lm = peft_model.get_base_model()
             return lm, _completion_positions(self._backbone(lm, input_ids, attention_mask), n)
+
+    # -- kl_reference="sparse": the store, built at generation time ---------------------------
+
+    @torch.no_grad()
+    def _sparse_reference_store(self, batch, support):
+        """The reference on S~ = π_old's top-k ∪ {o} for every completion of the generation
+        batch, one micro-batch of sequences at a time. ``support``: π_old's top-k ids
+        ``[B, T, k]`` from TRL's old-policy forward, or None (then the policy's body runs
+        here, once)."""
+        mask, size = batch["completion_mask"].bool(), self._forward_batch_size()
+        policy_lm = self._causal_lm(self.model)
+        parts = []
+        for s in range(0, mask.size(0), size):
+            rows = {key: batch[key][s:s + size] for key in
+                    ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+            if support is None:
+                input_ids, attention_mask, n = _sequences(rows)
+                with disable_gradient_checkpointing(self.model,
+                                                    self.args.gradient_checkpointing_kwargs):
+                    hidden = self._backbone(policy_lm, input_ids, attention_mask)
+                rows_support = self._old_topk(policy_lm, _completion_positions(hidden, n),
+                                              mask[s:s + size])
+                del hidden
+            else:
+                rows_support = support[s:s + size]
+            ref_lm, ref_hidden = self._reference_hidden(rows)
+            parts.append(self._over_row_chunks(
+                ref_lm, ref_hidden,
+                lambda ref_logits, sup, tok, m: tike_cuda.sparse_reference(
+                    ref_logits, sup, sampled_tokens=tok, temperature=self.temperature, mask=m),
+                rows_support, rows["completion_ids"], mask[s:s + size]))
+        return SparseReference.cat(parts)
+
+    def _old_topk(self, lm, hidden, mask):
+        """π_old's top-``kl_topk`` ids ``[B, T, k]`` (−1 where ``mask`` is 0) from its states
+        at the completion positions; the order of the logits is τ's and the scale's alike."""
+        k = min(self.args.kl_topk, lm.get_output_embeddings().weight.size(0))
+        return self._over_row_chunks(lm, hidden, lambda logits, m: tike_cuda.topk_indices(
+            logits, k, mask=m), mask.bool())
+
+    @torch.no_grad()
+    def _over_row_chunks(self, lm, hidden, fn, *per_token):
+        """``fn(logits, *rows of per_token)`` over chunks of rows of ``hidden`` ``[B, T, H]``,
+        with float32 :meth:`output_logits` of at most ``DEFAULT_MEMORY_BUDGET`` bytes a chunk
+        (the no-gradient passes never hold a micro-batch's ``[B, T, V]``); the chunks'
+        results (tensors or SparseReferences) joined back to ``[B, T, ...]``."""
+        B, T, H = hidden.shape
+        rows = hidden.reshape(B * T, H)
+        flat = [x.reshape(B * T, *x.shape[2:]) for x in per_token]
+        step = chunk_rows(lm.get_output_embeddings().weight.size(0), torch.float32, None)
+        parts = [fn(self.output_logits(lm, rows[s:s + step]), *(x[s:s + step] for x in flat))
+                 for s in range(0, B * T, step)]
+        if isinstance(parts[0], SparseReference):
+            return SparseReference.cat(parts).reshape(B, T)
+        return torch.cat(parts).reshape(B, T, *parts[0].shape[1:])
+
+    def _forward_batch_size(self):
+        """Sequences per forward at generation time, as TRL's scoring forwards."""
+        return self.args.per_device_train_batch_size if self.model.training \
+            else self.args.per_device_eval_batch_size
 
     def _backbone(self, lm, input_ids, attention_mask):
         # As TRL's fused head: the body under the trainer's autocast, no cache.
@@ -399,11 +574,18 @@ def _last_hidden_states(lm):
         handle.remove()
 
 
-def _one_forward(captured, batch):
+def _sequences(inputs):
+    """(prompt + completion ids, their attention mask, the completion length)."""
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    return input_ids, attention_mask, inputs["completion_ids"].size(1)
+
+
+def _one_forward(captured, batch, where):
     if not captured or sum(h.size(0) for h in captured) != batch:
         raise RuntimeError(
-            f"TikeGRPOTrainer expected trl's _compute_loss to run the policy's body on the "
-            f"{batch} sequences of the micro-batch (got {[tuple(h.shape) for h in captured]}); "
+            f"TikeGRPOTrainer expected trl's {where} to run the policy's body on the "
+            f"{batch} sequences it was given (got {[tuple(h.shape) for h in captured]}); "
             f"this trl version is not supported (tested with {TESTED_TRL})")
     return captured[0] if len(captured) == 1 else torch.cat(captured, dim=0)
 
