@@ -7,16 +7,20 @@
 // The "Time" column is wall-clock time per call (manual timing); "CPU" is the main
 // thread's CPU time only and is not meaningful with worker threads.
 //
+//   TIKE_CPU_ISA=avx2 bench_cpu_kernels   (the path to time; default: the best this CPU runs)
 //   bench_cpu_kernels [--rows=256] [--vocab=32000,128256,151936] [--ks=1,4,16,64,256]
 //                     [--dtypes=f32,bf16] [google-benchmark flags]
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <exception>
 #include <memory>
 #include <thread>
 
 #include "bench_common.h"
+#include "kernels/cpu_isa.h"
 #include "kernels/full_kl_cpu.h"
 #include "kernels/token_logprobs_cpu.h"
 #include "kernels/topk_kl_cpu.h"
@@ -141,7 +145,7 @@ void run_timed(benchmark::State& s, Op op, const Problem& p, F&& body) {
 struct TopkOut {
   std::vector<float> out, lse, coef, shift, stats;
   std::vector<int32_t> idx;
-  TopkOut(int64_t N, int64_t K1) : out(N), lse(N), coef(N * K1), shift(N), stats(N * 3), idx(N * K1) {}
+  TopkOut(int64_t N, int64_t K1) : out(N), lse(2 * N), coef(N * K1), shift(N), stats(N * 3), idx(N * K1) {}
 };
 
 TopkKlForwardArgs topk_fwd_args(const Problem& p, int64_t k, TopkOut& o) {
@@ -199,7 +203,7 @@ void BM_topk_kl(benchmark::State& s, Op op, int64_t N, int64_t V, int64_t k, DTy
 
 void BM_full_kl(benchmark::State& s, Op op, int64_t N, int64_t V, DType d) {
   const Problem& p = problem(N, V, d);
-  std::vector<float> out(N), lse_p(N), lse_q(N), g(N, 1.f);
+  std::vector<float> out(N), lse_p(2 * N), lse_q(2 * N), g(N, 1.f);
   FullKlForwardArgs f;
   f.logits = p.z.get(), f.ref_logits = p.zr.get();
   f.logits_layout = f.ref_layout = RowLayout::contiguous(N, V);
@@ -226,7 +230,7 @@ void BM_full_kl(benchmark::State& s, Op op, int64_t N, int64_t V, DType d) {
 
 void BM_token_logprobs(benchmark::State& s, Op op, int64_t N, int64_t V, DType d) {
   const Problem& p = problem(N, V, d);
-  std::vector<float> logp(N), lse(N), g(N, 1.f);
+  std::vector<float> logp(N), lse(2 * N), g(N, 1.f);
   TokenLogprobsForwardArgs f;
   f.logits = p.z.get(), f.logits_layout = RowLayout::contiguous(N, V);
   f.dtype = d, f.N = N, f.V = V, f.tokens = p.tokens.data();
@@ -293,6 +297,13 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("threads", std::to_string(num_threads()));
+  // The instruction-set path of the kernels (TIKE_CPU_ISA=avx512|avx2|sse2|auto).
+  try {
+    benchmark::AddCustomContext("cpu_isa", cpu::isa_name(cpu::active_isa()));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  }
   benchmark::AddCustomContext("copy_GBps", std::to_string(copy_bandwidth() / 1e9));
   register_all(cfg);
   benchmark::RunSpecifiedBenchmarks();

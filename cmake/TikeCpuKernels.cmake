@@ -1,6 +1,8 @@
 # Static library of the torch-free CPU kernels (csrc/kernels/*_cpu.cpp), the same sources
 # that setup.py compiles into the extension. Same flags as setup.py so that the benchmark
-# measures the code the extension runs.
+# measures the code the extension runs. No -m flags: each kernel carries its AVX-512,
+# AVX2 and baseline instantiations (target attributes, csrc/kernels/cpu_simd.h) and picks
+# one at run time (TIKE_CPU_ISA).
 file(GLOB TIKE_CPU_KERNEL_SOURCES CONFIGURE_DEPENDS
      "${PROJECT_SOURCE_DIR}/csrc/kernels/*_cpu.cpp")
 if(NOT TIKE_CPU_KERNEL_SOURCES)

@@ -7,14 +7,16 @@
 // Conventions shared by every op (see docs/kernels.md for the full contract):
 //  * logits / ref_logits are [..., V] with a unit stride on the last dim; the leading
 //    dims are flattened to N rows (N = numel / V). Outputs are float32 of shape [N].
-//  * the saved tensors (lse, idx, coef, shift, ...) are float32 / int32 of shape [N] or
-//    [N, K1]; they are what the backward op needs instead of re-reading ref_logits.
+//  * the saved tensors (lse, idx, coef, shift, ...) are float32 / int32 of shape [N],
+//    [N, 2] or [N, K1]; they are what the backward op needs instead of re-reading
+//    ref_logits. Each lse is [N, 2]: (max x, log Σ exp((x − max)/τ)) per row, so that
+//    log p = (x − max)/τ − ℓ keeps its digits at a tiny τ and near the float limit.
 //  * mask (bool [N], optional): false rows are never read; outputs and gradients are 0.
 #include <torch/library.h>
 
 TORCH_LIBRARY(tike_cuda, m) {
   // Top-k (∪ sampled token) partial KL, times the detached IS weight.
-  // Returns (out[N], lse[N], idx[N,K1] int32, coef[N,K1], shift[N], stats[N,3]).
+  // Returns (out[N], lse[N,2], idx[N,K1] int32, coef[N,K1], shift[N], stats[N,3]).
   m.def(
       "topk_kl(Tensor logits, Tensor ref_logits, int k, Tensor? sampled_tokens, "
       "Tensor? old_logprobs, Tensor? mask, float temperature, bool union_sampled, "
@@ -28,7 +30,7 @@ TORCH_LIBRARY(tike_cuda, m) {
       "topk_kl_backward_(Tensor grad_out, Tensor(a!) logits, Tensor lse, Tensor idx, "
       "Tensor coef, Tensor shift, Tensor? mask, float temperature) -> ()");
 
-  // Exact full-vocabulary KL(p || q). Returns (out[N], lse_p[N], lse_q[N]).
+  // Exact full-vocabulary KL(p || q). Returns (out[N], lse_p[N,2], lse_q[N,2]).
   m.def(
       "full_kl(Tensor logits, Tensor ref_logits, Tensor? mask, float temperature) "
       "-> (Tensor, Tensor, Tensor)");
@@ -36,7 +38,7 @@ TORCH_LIBRARY(tike_cuda, m) {
       "full_kl_backward(Tensor grad_out, Tensor logits, Tensor ref_logits, Tensor out, "
       "Tensor lse_p, Tensor lse_q, Tensor? mask, float temperature) -> Tensor");
 
-  // log p(token) and (optionally) the entropy of p. Returns (logp[N], entropy[N] or [0], lse[N]).
+  // log p(token) and (optionally) the entropy of p. Returns (logp[N], entropy[N] or [0], lse[N,2]).
   m.def(
       "token_logprobs(Tensor logits, Tensor tokens, float temperature, bool with_entropy) "
       "-> (Tensor, Tensor, Tensor)");
@@ -54,7 +56,7 @@ TORCH_LIBRARY(tike_cuda, m) {
   m.def(
       "sparse_reference(Tensor ref_logits, Tensor support, Tensor? sampled_tokens, "
       "Tensor? mask, float temperature) -> (Tensor, Tensor, Tensor)");
-  // TIKE on the fixed S~ `idx` against the stored reference. Returns (out[N], lse[N],
+  // TIKE on the fixed S~ `idx` against the stored reference. Returns (out[N], lse[N,2],
   // coef[N,K1], shift[N], stats[N,3]) as topk_kl; the backward is topk_kl_backward(idx).
   m.def(
       "topk_kl_sparse(Tensor logits, Tensor idx, Tensor ref_logprobs, "
@@ -70,10 +72,25 @@ TORCH_LIBRARY(tike_cuda, m) {
 #include <cuda_runtime_api.h>
 #endif
 
+#include <exception>
+
+#include "kernels/cpu_isa.h"
+
 extern "C" PyObject* PyInit__C(void) {
+  // The CPU kernels' instruction-set path is chosen here, at import: a TIKE_CPU_ISA this
+  // CPU cannot run fails the import with the reason instead of the first op call.
+  const char* cpu_isa = nullptr;
+  try {
+    cpu_isa = tike::cpu::isa_name(tike::cpu::active_isa());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "tike_cuda kernels", -1, nullptr};
   PyObject* m = PyModule_Create(&def);
   if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "CPU_ISA", cpu_isa);
+  PyModule_AddStringConstant(m, "CPU_ISAS", tike::cpu::supported_isa_names().c_str());
 #ifdef TIKE_WITH_CUDA
   PyModule_AddIntConstant(m, "WITH_CUDA", 1);
   PyModule_AddIntConstant(m, "CUDA_VERSION", CUDART_VERSION);

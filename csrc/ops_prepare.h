@@ -65,7 +65,7 @@ inline TopkKlForwardCall prepare_topk_kl_forward(
   const int64_t K1 = k + ((c.tokens.has_value() && union_sampled) ? 1 : 0);
   const auto f32 = f32_like(c.logits);
   c.out = at::empty({N}, f32);
-  c.lse = at::empty({N}, f32);
+  c.lse = at::empty({N, 2}, f32);  // per row (max z, log Σ exp((z − max)/τ)): kernels.md
   c.shift = at::empty({N}, f32);
   c.idx = at::empty({N, K1}, c.logits.options().dtype(at::kInt));
   c.coef = at::empty({N, K1}, f32);
@@ -116,7 +116,7 @@ inline TopkKlBackwardCall prepare_topk_kl_backward(
                   idx.scalar_type() == at::kInt && idx.device() == c.logits.device(),
               "tike_cuda: topk_kl_backward: saved tensors do not match the logits");
   c.g = saved_f32(grad_out, N, c.logits, "grad_out");
-  c.lse = saved_f32(lse, N, c.logits, "lse");
+  c.lse = saved_f32(lse, 2 * N, c.logits, "lse");
   c.shift = saved_f32(shift, N, c.logits, "shift");
   c.coef = saved_f32(coef, coef.numel(), c.logits, "coef");
   c.idx = idx.contiguous();
@@ -170,8 +170,8 @@ inline FullKlForwardCall prepare_full_kl_forward(const at::Tensor& logits_in,
   c.mask = per_row(mask, N, c.logits, at::kBool, "mask");
   const auto f32 = f32_like(c.logits);
   c.out = at::empty({N}, f32);
-  c.lse_p = at::empty({N}, f32);
-  c.lse_q = at::empty({N}, f32);
+  c.lse_p = at::empty({N, 2}, f32);  // (max, log Σ exp((x − max)/τ)) per row: kernels.md
+  c.lse_q = at::empty({N, 2}, f32);
   FullKlForwardArgs& a = c.args;
   a.logits = c.logits.data_ptr();
   a.logits_layout = row_layout_of(c.logits);
@@ -207,8 +207,8 @@ inline FullKlBackwardCall prepare_full_kl_backward(
   const int64_t N = num_rows(c.logits);
   c.g = saved_f32(grad_out, N, c.logits, "grad_out");
   c.out = saved_f32(out, N, c.logits, "out");
-  c.lse_p = saved_f32(lse_p, N, c.logits, "lse_p");
-  c.lse_q = saved_f32(lse_q, N, c.logits, "lse_q");
+  c.lse_p = saved_f32(lse_p, 2 * N, c.logits, "lse_p");
+  c.lse_q = saved_f32(lse_q, 2 * N, c.logits, "lse_q");
   c.mask = per_row(mask, N, c.logits, at::kBool, "mask");
   c.grad = empty_grad_like(logits_in);
   FullKlBackwardArgs& a = c.args;
@@ -249,7 +249,7 @@ inline TokenLogprobsForwardCall prepare_token_logprobs_forward(const at::Tensor&
   c.tokens = *per_row(tokens, N, c.logits, at::kLong, "tokens");
   const auto f32 = f32_like(c.logits);
   c.logp = at::empty({N}, f32);
-  c.lse = at::empty({N}, f32);
+  c.lse = at::empty({N, 2}, f32);  // (max z, log Σ exp((z − max)/τ)) per row: kernels.md
   c.entropy = at::empty({with_entropy ? N : 0}, f32);
   TokenLogprobsForwardArgs& a = c.args;
   a.logits = c.logits.data_ptr();
@@ -282,7 +282,7 @@ inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(
   const int64_t N = num_rows(c.logits);
   c.tokens = *per_row(tokens, N, c.logits, at::kLong, "tokens");
   c.g = saved_f32(grad_logp, N, c.logits, "grad_logp");
-  c.lse = saved_f32(lse, N, c.logits, "lse");
+  c.lse = saved_f32(lse, 2 * N, c.logits, "lse");
   if (grad_entropy.has_value()) {
     TORCH_CHECK(entropy.numel() == N, "tike_cuda: grad_entropy given but no entropy saved");
     c.g_entropy = saved_f32(*grad_entropy, N, c.logits, "grad_entropy");
@@ -440,7 +440,7 @@ inline TopkKlSparseForwardCall prepare_topk_kl_sparse_forward(
   c.mask = per_row(mask, N, c.logits, at::kBool, "mask");
   const auto f32 = f32_like(c.logits);
   c.out = at::empty({N}, f32);
-  c.lse = at::empty({N}, f32);
+  c.lse = at::empty({N, 2}, f32);  // (M, ℓ) per row, as topk_kl's: kernels.md
   c.shift = at::empty({N}, f32);
   c.coef = at::empty({N, K1}, f32);
   c.stats = at::empty({N, 3}, f32);

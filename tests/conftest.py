@@ -1,20 +1,64 @@
 """Shared fixtures: the devices to test on, dtype tolerances, and input makers."""
 import contextlib
+import hashlib
 import importlib.util
 import os
+import tempfile
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
+import tike_cuda
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inductor_cache_of_this_build():
+    """torch.compile's (inductor) on-disk cache, keyed by this build of the extension and
+    the package's Python sources (the fake kernels): a cache written against another
+    build — other saved-tensor shapes — is never reused. A TORCHINDUCTOR_CACHE_DIR set by
+    the caller wins."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    pkg = Path(tike_cuda.__file__).resolve().parent
+    h = hashlib.sha256(torch.__version__.encode())
+    for f in sorted(pkg.glob("*.py")) + sorted(pkg.glob("_C*")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"tike_cuda_inductor_{h.hexdigest()[:16]}")
+
+
+_inductor_cache_of_this_build()
+
+# A real GPU that the extension was built for.
+HAS_GPU = torch.cuda.is_available() and bool(getattr(tike_cuda._C, "WITH_CUDA", 0))
+
+
+class EmulatedDevice(str):
+    """The device of the "emu" test cases: tensors on the CPU (it is the string "cpu"),
+    every torch.ops.tike_cuda.* call on the CPU emulation of the CUDA kernels and glue
+    (tike_cuda.testing.emulated_cuda, entered around the test by `_emulated_device`)."""
+
+
+EMU = EmulatedDevice("cpu")
+# Where device-parametrized tests run: the CPU op, and the CUDA kernels — on a GPU when
+# there is one, else on their emulation (docs/emulation.md), so that CI runs them too.
+CUDA_PARAM = (pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda]) if HAS_GPU
+              else pytest.param(EMU, id="emu", marks=[pytest.mark.emu]))
+DEVICES = [pytest.param("cpu", id="cpu"), CUDA_PARAM]
+
+
+def on_emulation(device):
+    """Whether a test's `device` is the emulated CUDA device (keep its shapes small: the
+    emulation runs a __syncthreads of 256 threads in ~13 µs)."""
+    return isinstance(device, EmulatedDevice)
 
 # verl's tests (test_verl_*.py) need verl, whose pins clash with trl's: they run where verl is
 # importable, and elsewhere test_verl.py runs them in verl's own environment (.venv-verl).
 collect_ignore_glob = ["test_verl.py"] if importlib.util.find_spec("verl") else ["test_verl_*.py"]
-
-_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[_cuda, pytest.mark.cuda])]
 
 # Relative size of one rounding of the gradient to the logits dtype (values are float32).
 GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -31,6 +75,16 @@ def assert_values(actual, expected, atol=2e-5, rtol=1e-4):
     """Per-token float32 outputs against the float64 reference."""
     assert actual.dtype == torch.float32
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
+                               equal_nan=True)
+
+
+def assert_lse_pairs(actual, expected, temperature, atol=1e-4, rtol=1e-4):
+    """Saved [N, 2] lse pairs (M, ℓ), lse = M/τ + ℓ (docs/kernels.md): M is a reference
+    point (the row max on the CPU, a running reference on CUDA), so compare the lse."""
+    a, b = actual.double().cpu(), expected.double().cpu()
+    assert a.shape == b.shape and a.shape[-1] == 2
+    torch.testing.assert_close(a[..., 0] / temperature + a[..., 1],
+                               b[..., 0] / temperature + b[..., 1], atol=atol, rtol=rtol,
                                equal_nan=True)
 
 
@@ -104,8 +158,9 @@ def _load_emulation():
     return testing
 
 
-KERNEL_DEVICES = [pytest.param("cuda", id="cuda", marks=[_cuda, pytest.mark.cuda]),
-                  pytest.param("emu", id="emu")]
+# The real GPU only where there is one (the emulated twin always runs).
+KERNEL_DEVICES = ([pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda])] if HAS_GPU else []) \
+    + [pytest.param("emu", id="emu", marks=[pytest.mark.emu])]
 
 
 @pytest.fixture(params=KERNEL_DEVICES)
@@ -120,6 +175,21 @@ def kdev(request):
     testing.set_thread_order(dev.order, dev.seed)
     yield dev
     testing.set_thread_order("forward", 0)
+
+
+@pytest.fixture(autouse=True)
+def _emulated_device(request):
+    """Runs a test whose `device` parameter is EMU inside emulated_cuda(), in the thread
+    order picked from its node id (as `kdev`)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or not on_emulation(callspec.params.get("device")):
+        yield
+        return
+    testing = _load_emulation()
+    order = _emu_order(request.node.nodeid)
+    request.node.user_properties.append(("thread order", order))
+    with testing.emulated_cuda(order, seed=zlib.crc32(request.node.nodeid.encode())):
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)

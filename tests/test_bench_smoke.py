@@ -6,6 +6,7 @@ import csv
 import pytest
 import torch
 
+import tike_cuda
 from tike_cuda import bench, eager
 from tike_cuda.reference import full_kl_reference, token_logprobs_reference, topk_kl_reference
 
@@ -30,6 +31,7 @@ def test_smoke_run_writes_csv_and_plot(tmp_path):
         assert r["device"] == "cpu" and r["dtype"] == "fp32"
         assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
         assert float(r["GBps"]) > 0 and float(r["floor_frac"]) > 0
+        assert r["cpu_isa"] == tike_cuda.cpu_isa()  # which CPU kernels path was timed
     assert {r["provider"] for r in rows} == {"eager", "tike_cuda"}
     assert list(tmp_path.glob("topk_kl_fwd_*_vs_k.png"))
 

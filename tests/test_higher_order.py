@@ -9,7 +9,7 @@ from torch.autograd import forward_ad
 import tike_cuda
 from tike_cuda.reference import full_kl_reference, token_logprobs_reference, topk_kl_reference
 
-from conftest import DEVICES, GRAD_RTOL, make_logits
+from conftest import DEVICES, GRAD_RTOL, make_logits, on_emulation
 
 N, V, K = 6, 37, 5
 
@@ -81,7 +81,7 @@ def test_double_backward_matches_float64(device, dtype, op, gen):
     v = torch.randn(N, V, generator=gen, dtype=torch.float64)
     g, hz, hw = _double_backward(fused, z, w.float().to(device), v.to(device, dtype))
     g64, hz64, hw64 = _double_backward(ref, z.double().cpu(), w, v.to(dtype).double())
-    assert hz.abs().max() > 0 and hz64.abs().max() > 0.1  # not the old silent zero
+    assert hz.abs().max() > 0 and hz64.abs().max() > 0.01  # not the old silent zero
     rtol = max(GRAD_RTOL[dtype], 2e-5)
     _close(g, g64, rtol)
     _close(hz, hz64, 4 * rtol)
@@ -143,7 +143,7 @@ def test_jvp_matches_float64(device, dtype, op, gen):
     fused, ref = _pair(op, zr, tok, old, mask)
     t = torch.randn(N, V, generator=gen).to(dtype)
     _, exp = torch.func.jvp(ref, (z.double().cpu(),), (t.double(),))
-    assert exp.abs().max() > 0.1  # not the old silent zero
+    assert exp.abs().max() > 0.01  # not the old silent zero
     _, got = torch.func.jvp(fused, (z,), (t.to(device),))
     _close(got, exp, max(GRAD_RTOL[dtype], 1e-5))
     with forward_ad.dual_level():
@@ -196,12 +196,14 @@ def test_vmap_matches_a_loop(device, op, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_vmap_still_checks_tokens(device, gen):
-    if device != "cpu":
-        pytest.skip("tokens are range-checked on the CPU only")
+    """Tokens out of range: an error from the CPU op; on CUDA (no host sync) NaN rows."""
     zs = make_logits((2, N, V), torch.float32, device, generator=gen)
-    bad = torch.full((2, N), V)
-    with pytest.raises(RuntimeError, match="tokens must be in"):
-        torch.func.vmap(tike_cuda.token_logprobs)(zs, bad)
+    bad = torch.full((2, N), V, device=device)
+    if device == "cpu" and not on_emulation(device):
+        with pytest.raises(RuntimeError, match="tokens must be in"):
+            torch.func.vmap(tike_cuda.token_logprobs)(zs, bad)
+    else:
+        assert torch.func.vmap(tike_cuda.token_logprobs)(zs, bad).isnan().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,7 +8,7 @@ from tike_cuda import SparseReference
 from tike_cuda.reference import sparse_reference_reference, topk_indices as topk_ref, \
     topk_kl_reference
 
-from conftest import DEVICES, DTYPES, assert_grads, assert_values, make_logits
+from conftest import DEVICES, DTYPES, assert_grads, assert_lse_pairs, assert_values, make_logits
 
 K = 16
 OPS = torch.ops.tike_cuda
@@ -793,8 +793,11 @@ def test_kernels_match_the_cpu_ops(kdev, V, k, dtype, gen):
             args = (exp[0], exp[1], exp[2], t, None if t is None else old, mask, 0.8, tail)
             want = OPS.topk_kl_sparse(z, *args)
             have = kdev.ops.topk_kl_sparse(kdev.put(z), *_put(kdev, *args[:6]), 0.8, tail)
-            for a, b in zip(have, want):  # out, lse, coef, shift, stats
-                torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4, equal_nan=True)
+            for i, (a, b) in enumerate(zip(have, want)):  # out, lse, coef, shift, stats
+                if i == 1:  # the [N, 2] pair (M, ℓ): M is a reference point, compare M/τ + ℓ
+                    assert_lse_pairs(a, b, 0.8)
+                else:
+                    torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
 def test_kernels_on_policy_equal_dense_and_moved_equals_float64(kdev, gen):
@@ -893,6 +896,31 @@ def test_kernels_layouts_masks_and_reproducibility(kdev, gen):
     exp = tike_cuda.topk_kl(z.cpu(), cpu, sampled_tokens=tok.cpu(), mask=mask.cpu(), tail="bucket")
     torch.testing.assert_close(out.cpu(), exp, atol=1e-4, rtol=1e-4)
     assert support.cpu()[~mask.cpu()].eq(-1).all() and out.cpu()[~mask.cpu()].eq(0).all()
+
+
+def test_kernels_tail_far_below_a_float(kdev, gen):
+    """S~ holding ~all the mass at a low τ: log t ≈ −125 (t ~ 1e-55, below the float
+    range relative to the row max). The stored log t_q and the update's b = log(t_p/t_q)
+    + 1 keep their digits (a float tail sum relative to the max gave −inf, then b = +inf)."""
+    N, V, k, tau = 3, 3001, 300, 0.05
+    zr = make_logits((N, V), torch.float32, "cpu", generator=gen)
+    z = zr + 0.3 * torch.randn(N, V, generator=gen)
+    support = topk_ref(zr, k).int()
+    got = kdev.ops.sparse_reference(*_put(kdev, zr, support), None, None, tau)
+    exp = OPS.sparse_reference(zr, support, None, None, tau)
+    lq64 = torch.log_softmax(zr.double() / tau, -1)
+    inside = torch.zeros_like(lq64, dtype=torch.bool).scatter_(1, support.long(), True)
+    log_tq = torch.logsumexp(torch.where(inside, -INF, lq64), -1)
+    assert (log_tq < -90).all()
+    for tail in (got[2], exp[2]):
+        torch.testing.assert_close(tail.double().cpu(), log_tq, rtol=1e-5, atol=1e-3)
+    args = (exp[0], exp[1], exp[2], None, None, None, tau, True)
+    have = kdev.ops.topk_kl_sparse(kdev.put(z), *_put(kdev, *args[:3]), None, None, None, tau,
+                                   True)
+    want = OPS.topk_kl_sparse(z, *args)
+    assert torch.isfinite(want[0]).all()
+    for i in (0, 2, 3):  # out, coef, shift
+        torch.testing.assert_close(have[i].cpu(), want[i], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)

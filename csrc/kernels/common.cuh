@@ -3,8 +3,10 @@
 //  * 16-byte vector loads/stores of fp32 / bf16 / fp16 rows with the float conversion,
 //    and the split of a row segment into an unaligned head, an aligned body and a tail
 //    (rows of an odd V start at any element, so no row can be assumed aligned);
-//  * base-2 exponentials (the hot loops compute 2^(z·c − m) with c = log2(e)/τ, one FFMA
-//    and one MUFU.EX2 per element, rounding the exponent once relative to the offset);
+//  * base-2 exponentials relative to a reference logit (Ref, PairExp): the hot loops
+//    compute 2^(z·c − m) with c = log2(e)/τ, one FFMA and one MUFU.EX2 per element where
+//    the inputs are ordinary, 2^((z − R)·c) where z·c would overflow or lose log p's
+//    digits (τ → 0, logits near the float limit);
 //  * online log-sum-exp accumulators whose reference only moves when a term would
 //    overflow, so the hot loop needs no per-element max;
 //  * warp and block reductions in a fixed order (bitwise reproducible results);
@@ -38,6 +40,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr double kLn2 = 0.69314718055994530942;
+constexpr float kLn2f = 0.693147180559945309f;
 constexpr float kInf = __builtin_huge_valf();
 constexpr double kInfD = __builtin_huge_val();
 // A lazily moved reference lets single terms reach 2^64 before it moves; sums of a few
@@ -209,27 +212,132 @@ __device__ __forceinline__ float fmax_nan(float a, float b) {
   return (a != a || b != b) ? __uint_as_float(0x7fffffffu) : fmaxf(a, b);
 #endif
 }
-// x·c − m with the product rounded to float first. Every reference m is such a rounded
-// product (a running max of z·c), so the largest term is exactly 2^0. A fused z·c − m
-// keeps the product's rounding error, which for |z·c| ≳ 2^24 (τ = 1e-30, logits near the
-// float limit) is itself a huge exponent (2^(±1e21) = inf or 0). __fmul_rn is never
-// contracted into an FMA, even under --use_fast_math.
-__device__ __forceinline__ float scaled_minus(float x, float c, float m) { return __fmul_rn(x, c) - m; }
-
 __device__ __forceinline__ bool is_nan(float x) {
   return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u;  // bit test: safe under fast math
 }
 
-// Σ 2^(z_i·c − m), with m moved up only when a chunk's sum would pass 2^64 (or is not
-// finite, which also covers m = −inf at the start). −inf terms count 0; NaN propagates.
+// ---------------------------------------------------------------- references of row sums
+//
+// Every sum of terms 2^(z·c) (c = log2(e)/τ) is kept relative to a reference logit R, as
+// Σ 2^(z·c − E) with the base-2 offset E = R·c − r, and every log-probability is formed
+// from differences to R, never from z/τ itself (which loses log p's digits at a tiny τ and
+// overflows for |z| > 2.4e38·τ):
+//   fast form, where |R·c| < 2^24 (ordinary logits and temperatures): E = m = R·c rounded
+//     to float, and a term's exponent z·c − m is ONE FFMA (the product z·c is exact inside
+//     it, so neither z/τ nor its rounding enters); r = R·c − m, exact, |r| <= 1/2;
+//   slow form, elsewhere (τ → 0, logits near the float limit): E = R·c exactly (r = 0) and
+//     the exponent is (z − R)·c — the difference is scaled, never z.
+// A sum moves from one reference to another by the factor 2^(E_from − E_to), formed in
+// double from the references (ref_shift): exact however large R·c is.
+constexpr float kFastRefLimit = 16777216.f;  // 2^24: |r| <= 1/2 below it
+constexpr double kLog2eD = 1.4426950408889634074;
+
+struct Ref {
+  float R = -kInf;  // the reference logit
+  float m = 0.f;    // R·c rounded (fast form)
+  float r = 0.f;    // R·c − E: exact; 0 in the slow form
+  bool fast = false;
+
+  __device__ __forceinline__ static Ref at(float R, float c) {
+    Ref f;
+    f.R = R;
+    const float m = __fmul_rn(R, c);
+    f.fast = fabsf(m) < kFastRefLimit;  // false for ±inf and NaN
+    if (f.fast) {
+      f.m = m;
+      f.r = __fmaf_rn(R, c, -m);  // exact: the product has 48 bits, m its first 24
+    }
+    return f;
+  }
+  // The exponent z·c − E of one term. −inf for z = −inf (NaN if R is −inf too).
+  __device__ __forceinline__ float exponent(float z, float c) const {
+    return fast ? __fmaf_rn(z, c, -m) : __fmul_rn(z - R, c);
+  }
+  // The exponents of N elements, the form chosen once for all of them.
+  template <int N>
+  __device__ __forceinline__ void exponents(const float (&z)[N], float c, float (&y)[N]) const {
+    if (fast) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) y[i] = __fmaf_rn(z[i], c, -m);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) y[i] = __fmul_rn(z[i] - R, c);
+    }
+  }
+  // z·c − E in double (gathered entries: no overflow, no cancellation).
+  __device__ __forceinline__ double exponent_d(float z, float c) const {
+    return (double(z) - double(R)) * double(c) + double(r);
+  }
+};
+
+// E_to − E_from, in double.
+__device__ __forceinline__ double ref_shift(const Ref& from, const Ref& to, float c) {
+  return (double(to.R) - double(from.R)) * double(c) - double(to.r) + double(from.r);
+}
+// The factor 2^(E_from − E_to) that moves a sum from reference `from` to `to` (to.R >=
+// from.R). Formed in double: the moves are few (the references rise lazily).
+__device__ __forceinline__ float ref_factor(const Ref& from, const Ref& to, float c) {
+  return float(exp2(-ref_shift(from, to, c)));
+}
+
+// The saved pair (M, ℓ) of a row (docs/kernels.md: log p_j = (z_j − M)/τ − ℓ) as base-2
+// exponents for a backward pass: p_j = 2^(y_j)·K. Fast form (|M·c + ℓ·log2 e| < 2^24): y_j
+// = z_j·c − o, one FFMA, with o = M·c + ℓ·log2 e rounded to float and K = 2^(o − (M·c +
+// ℓ·log2 e)) (in [2^-1/2, 2^1/2], exact in float up to its own rounding) taking o's
+// rounding out; the kernels fold K into their per-row factors. Slow form: y_j = (z_j − M)·c
+// − λ, λ = ℓ·log2 e rounded, K likewise. A NaN pair (an undefined row) gives NaN.
+struct PairExp {
+  float M = 0.f, o = 0.f, K = 1.f, log2K = 0.f, c = 0.f;
+  double l2 = 0.0;  // ℓ·log2 e
+  bool fast = false;
+
+  __device__ __forceinline__ static PairExp of(const float* pair, float c) {
+    PairExp e;
+    e.M = pair[0];
+    e.c = c;
+    e.l2 = double(pair[1]) * kLog2eD;
+    const double off = double(e.M) * double(c) + e.l2;
+    e.fast = fabs(off) < double(kFastRefLimit);  // false for ±inf and NaN
+    const double exact = e.fast ? off : e.l2;
+    e.o = float(exact);
+    e.log2K = float(double(e.o) - exact);  // NaN for a NaN pair: a NaN gradient
+    e.K = exp2f(e.log2K);
+    return e;
+  }
+  __device__ __forceinline__ float y(float z) const {
+    return fast ? __fmaf_rn(z, c, -o) : __fmaf_rn(z - M, c, -o);
+  }
+  template <int N>
+  __device__ __forceinline__ void ys(const float (&z)[N], float (&out)[N]) const {
+    if (fast) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[i] = __fmaf_rn(z[i], c, -o);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[i] = __fmaf_rn(z[i] - M, c, -o);
+    }
+  }
+  // log2 p_j in double.
+  __device__ __forceinline__ double log2p(float z) const {
+    return (double(z) - double(M)) * double(c) - l2;
+  }
+  // p_j in float.
+  __device__ __forceinline__ float p(float z) const { return ex2(y(z)) * K; }
+};
+
+// Σ 2^(z_i·c − E) over a thread's elements, on a reference (Ref) moved up only when a
+// chunk's sum would pass 2^64 (or is not finite, which also covers the −inf reference at
+// the start): the hot loop needs no per-element max. −inf terms count 0; NaN propagates.
 struct LazyLse {
-  float m = -kInf, s = 0.f;
+  Ref ref;
+  float s = 0.f;
 
   template <int N>
   __device__ __forceinline__ void add(const float (&z)[N], float c) {
-    float t = 0.f;
+    float y[N], t = 0.f;
+    ref.exponents(z, c, y);
 #pragma unroll
-    for (int i = 0; i < N; ++i) t += ex2(scaled_minus(z[i], c, m));
+    for (int i = 0; i < N; ++i) t += ex2(y[i]);
     if (t <= kLazyLimit) {
       s += t;
     } else {
@@ -238,42 +346,48 @@ struct LazyLse {
   }
   template <int N>
   __device__ __forceinline__ void add_slow(const float (&z)[N], float c) {
-    float mx = m;
+    float mx = ref.R;
 #pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(z[i], c));
-    move_to(mx);
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, z[i]);
+    move_to(mx, c);
     float t = 0.f;
 #pragma unroll
-    for (int i = 0; i < N; ++i) t += z[i] == -kInf ? 0.f : ex2(scaled_minus(z[i], c, m));
+    for (int i = 0; i < N; ++i) t += z[i] == -kInf ? 0.f : ex2(ref.exponent(z[i], c));
     s += t;
   }
   __device__ __forceinline__ void add1(float z, float c) {
     float one[1] = {z};
     add(one, c);
   }
-  __device__ __forceinline__ void move_to(float mx) {
-    if (mx > m) {
-      if (s != 0.f) s *= ex2(m - mx);
-      m = mx;
+  __device__ __forceinline__ void move_to(float R, float c) {
+    if (R > ref.R) {
+      const Ref to = Ref::at(R, c);
+      if (s != 0.f) s *= ref_factor(ref, to, c);
+      ref = to;
     }
   }
-  // s re-expressed relative to ref >= m (0 stays 0, NaN stays NaN).
-  __device__ __forceinline__ float scaled(float ref) const { return s != 0.f ? s * ex2(m - ref) : 0.f; }
+  // s re-expressed relative to `to` (to.R >= ref.R; 0 stays 0, NaN stays NaN).
+  __device__ __forceinline__ float scaled(const Ref& to, float c) const {
+    return s != 0.f ? s * ref_factor(ref, to, c) : 0.f;
+  }
 };
 
-// The same with Σ t_i·(z_i·c − m) beside Σ t_i (the entropy's weighted sum). Keeping the
-// weights relative to m avoids cancelling a large E[z/τ] against a large lse.
+// The same with w = Σ t_i·y_i beside s = Σ t_i (t_i = 2^y_i, y_i = z_i·c − E: the
+// entropy's weighted sum). Keeping the weights relative to the reference avoids
+// cancelling a large E[z/τ] against a large lse.
 struct LazyLseRel {
-  float m = -kInf, s = 0.f, w = 0.f;
+  Ref ref;
+  float s = 0.f, w = 0.f;
 
   template <int N>
   __device__ __forceinline__ void add(const float (&z)[N], float c) {
-    float t = 0.f, u = 0.f;
+    float y[N], t = 0.f, u = 0.f;
+    ref.exponents(z, c, y);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float y = scaled_minus(z[i], c, m), e = ex2(y);
+      const float e = ex2(y[i]);
       t += e;
-      u += e > 0.f ? e * y : 0.f;
+      u += e > 0.f ? e * y[i] : 0.f;
     }
     if (t <= kLazyLimit) {
       s += t;
@@ -284,78 +398,32 @@ struct LazyLseRel {
   }
   template <int N>
   __device__ __forceinline__ void add_slow(const float (&z)[N], float c) {
-    float mx = m;
+    float mx = ref.R;
 #pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(z[i], c));
-    move_to(mx);
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, z[i]);
+    move_to(Ref::at(mx, c), c);
     float t = 0.f, u = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (z[i] == -kInf) continue;
-      const float y = scaled_minus(z[i], c, m), e = ex2(y);
+      const float y = ref.exponent(z[i], c), e = ex2(y);
       t += e;
       u += e > 0.f ? e * y : 0.f;
     }
     s += t;
     w += u;
   }
-  // Moving m to m': t' = t·f and (x − m') = (x − m) + (m − m').
-  __device__ __forceinline__ void move_to(float mx) {
-    if (mx > m) {
+  // Moving E to E' = E + d: t' = t·2^-d and y' = y − d, so w' = 2^-d (w − d·s).
+  __device__ __forceinline__ void move_to(const Ref& to, float c) {
+    if (to.R > ref.R) {
       if (s != 0.f) {
-        const float f = ex2(m - mx);
-        w = f * (w + s * (m - mx));
+        const double d = ref_shift(ref, to, c);
+        const float f = float(exp2(-d));
+        w = float(double(f) * (double(w) - d * double(s)));
         s *= f;
       }
-      m = mx;
+      ref = to;
     }
-  }
-};
-
-// Σ t_i and Σ t_i·d_i with t_i = 2^(z_i·c − m) and a per-element weight d_i (full KL:
-// d = z − zr). t = 0 terms count 0 whatever d is (0·inf would be NaN).
-struct LazyLseW {
-  float m = -kInf, s = 0.f, w = 0.f;
-
-  template <int N>
-  __device__ __forceinline__ void add(const float (&z)[N], const float (&d)[N], float c) {
-    float t = 0.f, u = 0.f;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const float e = ex2(scaled_minus(z[i], c, m));
-      t += e;
-      u += e > 0.f ? e * d[i] : 0.f;
-    }
-    if (t <= kLazyLimit) {
-      s += t;
-      w += u;
-    } else {
-      add_slow(z, d, c);
-    }
-  }
-  template <int N>
-  __device__ __forceinline__ void add_slow(const float (&z)[N], const float (&d)[N], float c) {
-    float mx = m;
-#pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(z[i], c));
-    if (mx > m) {
-      if (s != 0.f) {
-        const float f = ex2(m - mx);
-        s *= f;
-        w *= f;
-      }
-      m = mx;
-    }
-    float t = 0.f, u = 0.f;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if (z[i] == -kInf) continue;
-      const float e = ex2(scaled_minus(z[i], c, m));
-      t += e;
-      u += e > 0.f ? e * d[i] : 0.f;
-    }
-    s += t;
-    w += u;
   }
 };
 

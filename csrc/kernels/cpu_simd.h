@@ -1,90 +1,207 @@
-// Torch-free building blocks of the CPU kernels: dtype conversion of a row tile into a
-// float buffer, a vectorized exp, and horizontal reductions in a fixed order.
+// Torch-free building blocks of the CPU kernels: vectors of the width each instruction
+// set runs natively, dtype conversion of a row tile into a float buffer, a vectorized
+// exp, horizontal reductions in a fixed order, and TIKE_CPU_KERNEL, which compiles a
+// kernel once per path and picks one at the first call (cpu_isa.h).
 //
-// Vectors are GCC/Clang vector extensions (16 floats): the compiler maps them to
-// AVX-512 in the x86-64-v4 clone of each hot function (TIKE_CPU_HOT), to AVX2 pairs in
-// the x86-64-v3 clone and to SSE quads in the baseline one, picked at load time by the
-// CPU it runs on — so one build is fast on a modern CPU and still correct on an old
-// one. Every helper here is always_inline so that it is compiled inside each clone.
+// Why hand-written GCC/Clang vector extensions and not a SIMD library: the kernels need
+// a handful of operations (exp, max, compare-select, sums, bf16/fp16 loads), which fit in
+// this header; Google Highway is not on PyPI (a `pip install .` would need a system
+// package or a vendored source tree), and ATen's Vectorized<float> would tie the
+// torch-free kernels (and the google-benchmark binary) to libtorch's internal headers
+// and per-file compile flags. What a library would save is the width per instruction
+// set and the dispatch; both are below (Simd<W>, TIKE_CPU_KERNEL).
+//
+// Width per path: Simd<16> under AVX-512, Simd<8> under AVX2 + FMA, Simd<4> for the
+// baseline (SSE2 on x86-64, NEON on aarch64, scalar code elsewhere). A vector wider than
+// the hardware's (e.g. 16 lanes on AVX2) is lowered partly element by element: ~5× slower.
+//
+// How a path is compiled: the kernel body is a template over Simd<W> whose helpers are
+// all always_inline; TIKE_CPU_KERNEL instantiates it inside one function per path that
+// carries `__attribute__((target(...)))`, so the inlined body is compiled for that ISA.
+// Per-file -m flags would do the same but leak: std:: templates instantiated in an
+// AVX-512 file are merged by the linker with those of the baseline file, and the
+// baseline path may then run AVX-512 code. Out-of-line code (std::sort, the top-k heap)
+// stays baseline code under target attributes.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
+#include "cpu_isa.h"
 #include "row_layout.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TIKE_CPU_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define TIKE_CPU_X86 1
+#define TIKE_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
+#define TIKE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
-#define TIKE_CPU_HOT
+#define TIKE_CPU_X86 0
 #endif
 #define TIKE_INLINE inline __attribute__((always_inline))
 
 namespace tike::cpu {
 
-constexpr int kLanes = 16;
 constexpr int kTile = 2048;  // floats per tile: 8 KiB, stays in L1 between the passes over it
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-TIKE_INLINE vf splat(float x) { return vf{} + x; }
-
 constexpr float kLog2e = 1.44269504088896341f;
 
-// 2^y to ~2 ulp for y <= 127: 2^n · 2^f with n = round(y), f in [−1/2, 1/2] and a
-// degree-6 polynomial for 2^f. Callers fold log2(e) into their scale, so an exp costs
-// one multiply less than exp(x) would. 2^y below the float range (and y = −inf) is
-// exactly 0; NaN stays NaN.
-TIKE_INLINE vf vexp2(vf y) {
-  const vf lo = splat(-126.f);
-  const vf yc = y < lo ? lo : y;
-  const vf magic = splat(12582912.f);  // 1.5·2^23: adding it rounds to an integer
-  const vf n = (yc + magic) - magic;
-  const vf f = yc - n;
-  vf p = splat(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return y < lo ? vf{} : p * scale;
-}
+// The vector types of W lanes (one specialisation per width: GCC drops a vector_size
+// that depends on a template parameter).
+template <int W>
+struct VecTypes;
+template <>
+struct VecTypes<4> {
+  typedef float vf __attribute__((vector_size(16)));
+  typedef int32_t vi __attribute__((vector_size(16)));
+};
+template <>
+struct VecTypes<8> {
+  typedef float vf __attribute__((vector_size(32)));
+  typedef int32_t vi __attribute__((vector_size(32)));
+};
+template <>
+struct VecTypes<16> {
+  typedef float vf __attribute__((vector_size(64)));
+  typedef int32_t vi __attribute__((vector_size(64)));
+};
 
-// exp(x) = 2^(x·log2 e), for the few places that have no scale to fold it into.
-TIKE_INLINE vf vexp(vf x) { return vexp2(x * kLog2e); }
+// W float lanes and the operations on them. Every member is always_inline: it is compiled
+// inside the per-path function that uses it.
+template <int W>
+struct Simd {
+  static constexpr int kLanes = W;
+  using vf = typename VecTypes<W>::vf;
+  using vi = typename VecTypes<W>::vi;
 
+  static TIKE_INLINE vf splat(float x) { return vf{} + x; }
+  static TIKE_INLINE vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static TIKE_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+  static TIKE_INLINE vf max(vf a, vf b) { return a > b ? a : b; }
+  // A non-temporal store (p aligned to the vector): the line is written without being
+  // read first. Inline assembly: the instruction builtins are not declared in a template
+  // compiled for the baseline; this is expanded only inside the per-path functions,
+  // whose target has the registers. Needs stream_fence() before other threads read.
+  static TIKE_INLINE void stream(float* p, vf v) {
+#if TIKE_CPU_X86
+    vf* d = reinterpret_cast<vf*>(p);
+    if constexpr (W == 4)
+      asm volatile("movntps %1, %0" : "=m"(*d) : "x"(v));
+    else
+      asm volatile("vmovntps %1, %0" : "=m"(*d) : "v"(v));
+#else
+    store(p, v);
+#endif
+  }
+  static TIKE_INLINE void stream_fence() {
+#if TIKE_CPU_X86
+    asm volatile("sfence" ::: "memory");
+#endif
+  }
+  // 2^y to ~2 ulp for y <= 127: 2^n · 2^f with n = round(y), f in [−1/2, 1/2] and a
+  // degree-6 polynomial for 2^f. Callers fold log2(e) into their scale, so an exp costs
+  // one multiply less than exp(x) would. 2^y below the float range (and y = −inf) is
+  // exactly 0; NaN stays NaN.
+  static TIKE_INLINE vf exp2(vf y) {
+    const vf lo = splat(-126.f);
+    const vf yc = y < lo ? lo : y;
+    const vf magic = splat(12582912.f);  // 1.5·2^23: adding it rounds to an integer
+    const vf n = (yc + magic) - magic;
+    const vf f = yc - n;
+    vf p = splat(1.5403530393381606e-4f);
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.f;
+    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf scale;
+    std::memcpy(&scale, &e, sizeof(scale));
+    return y < lo ? vf{} : p * scale;
+  }
+  // exp(x) = 2^(x·log2 e), for the few places that have no scale to fold it into.
+  static TIKE_INLINE vf exp(vf x) { return exp2(x * kLog2e); }
+
+  static TIKE_INLINE float hsum(vf v) {  // fixed pairwise tree: reproducible
+    float t[W];
+    std::memcpy(t, &v, sizeof(t));
+    for (int w = W / 2; w > 0; w /= 2)
+      for (int i = 0; i < w; ++i) t[i] += t[i + w];
+    return t[0];
+  }
+  static TIKE_INLINE float hmax(vf v) {
+    float m = v[0];
+    for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+  }
+  static TIKE_INLINE float hmin(vf v) {
+    float m = v[0];
+    for (int i = 1; i < W; ++i) m = v[i] < m ? v[i] : m;
+    return m;
+  }
+  static TIKE_INLINE bool any(vi m) {
+    for (int i = 0; i < W; ++i)
+      if (m[i] != 0) return true;
+    return false;
+  }
+  // n rounded up to whole vectors: tiles are padded to it.
+  static constexpr int padded(int n) { return (n + W - 1) / W * W; }
+};
+
+// exp(x) of one float with the vector code (the kernels' exp, bit for bit).
+template <class S>
 TIKE_INLINE float sexp(float x) {
-  vf v = vexp(splat(x));
-  return v[0];
+  return S::exp(S::splat(x))[0];
 }
 
-TIKE_INLINE float hsum(vf v) {  // fixed pairwise tree: reproducible
-  float t[kLanes];
-  std::memcpy(t, &v, sizeof(t));
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  return t[0];
+// Picks one of the per-path instantiations of a kernel (TIKE_CPU_KERNEL).
+template <class Fn>
+Fn pick_kernel(Fn avx512, Fn avx2, Fn baseline) {
+  switch (active_isa()) {
+    case Isa::Avx512: return avx512;
+    case Isa::Avx2: return avx2;
+    default: return baseline;
+  }
 }
-TIKE_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-TIKE_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
-TIKE_INLINE vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-TIKE_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Defines `void name(const Args&, int64_t begin, int64_t end)` running
+// `body<Simd<W>>(args, begin, end)` with the widest path selected (cpu_isa.h). The body
+// must be a TIKE_INLINE function template, and so must everything it calls that touches
+// vectors; use at namespace scope in the kernel's .cpp.
+#if TIKE_CPU_X86
+#define TIKE_CPU_KERNEL(name, Args, body)                                          \
+  namespace {                                                                      \
+  TIKE_TARGET_AVX512 void name##_avx512(const Args& a, int64_t b, int64_t e) {     \
+    body<::tike::cpu::Simd<16>>(a, b, e);                                          \
+  }                                                                                \
+  TIKE_TARGET_AVX2 void name##_avx2(const Args& a, int64_t b, int64_t e) {         \
+    body<::tike::cpu::Simd<8>>(a, b, e);                                           \
+  }                                                                                \
+  void name##_baseline(const Args& a, int64_t b, int64_t e) {                      \
+    body<::tike::cpu::Simd<4>>(a, b, e);                                           \
+  }                                                                                \
+  }                                                                                \
+  void name(const Args& a, int64_t b, int64_t e) {                                 \
+    static void (*const fn)(const Args&, int64_t, int64_t) =                       \
+        ::tike::cpu::pick_kernel(&name##_avx512, &name##_avx2, &name##_baseline);  \
+    fn(a, b, e);                                                                   \
+  }
+#else
+#define TIKE_CPU_KERNEL(name, Args, body)                  \
+  void name(const Args& a, int64_t b, int64_t e) {         \
+    static const bool checked = (::tike::cpu::active_isa(), true); \
+    (void)checked;                                         \
+    body<::tike::cpu::Simd<4>>(a, b, e);                   \
+  }
+#endif
 
 TIKE_INLINE int64_t elem_size(DType dt) { return dt == DType::Float32 ? 4 : 2; }
 
@@ -103,16 +220,68 @@ TIKE_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kep
   return uint16_t(u >> 16);
 }
 
+// IEEE half precision: a native type where the compiler has one in C++ (_Float16 on x86-64
+// with GCC >= 12 / Clang, __fp16 on Arm), else bit conversions in software (forced by
+// -DTIKE_SOFT_HALF, to test them).
+#if defined(TIKE_SOFT_HALF)
+#define TIKE_HALF_IN_SOFTWARE 1
+#elif defined(__aarch64__) || defined(__ARM_FP16_FORMAT_IEEE)
+typedef __fp16 half_t;
+TIKE_INLINE float half_to_float(half_t h) { return float(h); }
+TIKE_INLINE half_t float_to_half(float f) { return half_t(f); }
+#elif defined(__FLT16_MANT_DIG__) && (defined(__x86_64__) || defined(__clang__))
+typedef _Float16 half_t;
+TIKE_INLINE float half_to_float(half_t h) { return float(h); }
+TIKE_INLINE half_t float_to_half(float f) { return half_t(f); }
+#else
+#define TIKE_HALF_IN_SOFTWARE 1
+#endif
+#if defined(TIKE_HALF_IN_SOFTWARE)
+struct half_t {
+  uint16_t bits;
+};
+TIKE_INLINE float half_to_float(half_t h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu,
+                 m = h.bits & 0x3ffu;
+  float f;
+  if (e == 31) {  // inf / NaN
+    const uint32_t u = sign | 0x7f800000u | (m << 13);
+    std::memcpy(&f, &u, 4);
+  } else if (e == 0) {  // zero / subnormal: m · 2^-24
+    f = std::ldexp(float(m), -24);
+    if (sign) f = -f;
+  } else {
+    const uint32_t u = sign | ((e + 112u) << 23) | (m << 13);
+    std::memcpy(&f, &u, 4);
+  }
+  return f;
+}
+TIKE_INLINE half_t float_to_half(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const float a = std::fabs(f);
+  if (a != a) return {uint16_t(sign | 0x7e00u)};
+  if (a >= 65520.f) return {uint16_t(sign | 0x7c00u)};
+  if (a < 6.103515625e-05f) return {uint16_t(sign | uint16_t(std::nearbyint(a * 16777216.f)))};
+  uint32_t v;
+  std::memcpy(&v, &a, 4);
+  v += 0xfffu + ((v >> 13) & 1u);
+  return {uint16_t(sign | uint16_t((v >> 13) - (112u << 10)))};
+}
+#endif
+
 TIKE_INLINE float load_one(const void* row, DType dt, int64_t j) {
   switch (dt) {
     case DType::Float32: return static_cast<const float*>(row)[j];
     case DType::BFloat16: return bf16_to_float(static_cast<const uint16_t*>(row)[j]);
-    default: return float(static_cast<const _Float16*>(row)[j]);
+    default: return half_to_float(static_cast<const half_t*>(row)[j]);
   }
 }
 
-// Converts elements [j0, j0 + n) of a row into buf[0, n) and pads buf up to a multiple
-// of kLanes with `pad` (−inf: neutral for max and for sums of exp).
+// Converts elements [j0, j0 + n) of a row into buf[0, n) and pads buf up to whole
+// vectors with `pad` (−inf: neutral for max and for sums of exp).
+template <class S>
 TIKE_INLINE void load_tile(const void* row, DType dt, int64_t j0, int n, float* buf,
                            float pad = -kInf) {
   switch (dt) {
@@ -126,32 +295,51 @@ TIKE_INLINE void load_tile(const void* row, DType dt, int64_t j0, int n, float* 
       break;
     }
     default: {
-      const _Float16* s = static_cast<const _Float16*>(row) + j0;
-      for (int i = 0; i < n; ++i) buf[i] = float(s[i]);
+      const half_t* s = static_cast<const half_t*>(row) + j0;
+      for (int i = 0; i < n; ++i) buf[i] = half_to_float(s[i]);
     }
   }
-  for (int i = n; i % kLanes; ++i) buf[i] = pad;
+  for (int i = n; i < S::padded(n); ++i) buf[i] = pad;
 }
 
-// The floats of elements [j0, j0 + n) of a row, padded to a multiple of kLanes: the row
-// itself for a full float32 tile (no staging copy), else converted into buf.
+// The floats of elements [j0, j0 + n) of a row, padded to whole vectors: the row itself
+// for a full float32 tile (no staging copy), else converted into buf.
+template <class S>
 TIKE_INLINE const float* tile_src(const void* row, DType dt, int64_t j0, int n, float* buf,
                                   float pad = -kInf) {
-  if (dt == DType::Float32 && n % kLanes == 0) return static_cast<const float*>(row) + j0;
-  load_tile(row, dt, j0, n, buf, pad);
+  if (dt == DType::Float32 && n % S::kLanes == 0) return static_cast<const float*>(row) + j0;
+  load_tile<S>(row, dt, j0, n, buf, pad);
   return buf;
 }
 
 // Where a kernel computes the floats of output elements [j0, j0 + n): straight into a
-// float32 row when the tile needs no padding, else into buf (then store_tile).
+// float32 row when the tile needs no padding, else into buf (then finish_tile).
+template <class S>
 TIKE_INLINE float* tile_dst(void* row, DType dt, int64_t j0, int n, float* buf) {
-  if (dt == DType::Float32 && n % kLanes == 0) return static_cast<float*>(row) + j0;
+  if (dt == DType::Float32 && n % S::kLanes == 0) return static_cast<float*>(row) + j0;
   return buf;
 }
-TIKE_INLINE void store_tile(void* row, DType dt, int64_t j0, int n, const float* buf);
-TIKE_INLINE void finish_tile(void* row, DType dt, int64_t j0, int n, const float* dst,
-                             const float* buf) {
-  if (dst == buf) store_tile(row, dt, j0, n, buf);
+
+// Stores of a backward's gradient tile: straight into a float32 row with non-temporal
+// stores when the tile is aligned (the gradient is written once and not read back: this
+// skips reading each destination line first, one memory pass of N×V less), else plain
+// stores (into buf for a 16-bit row, then finish_tile). The kernel calls
+// S::stream_fence() once after its rows.
+template <class S>
+struct GradTile {
+  float* out;
+  bool streaming;
+  TIKE_INLINE void put(int i, typename S::vf v) const {
+    if (streaming)
+      S::stream(out + i, v);
+    else
+      S::store(out + i, v);
+  }
+};
+template <class S>
+TIKE_INLINE GradTile<S> grad_tile(float* out, const float* buf) {
+  const bool aligned = (reinterpret_cast<uintptr_t>(out) % sizeof(typename S::vf)) == 0;
+  return {out, out != buf && aligned};
 }
 
 // Writes buf[0, n) as elements [j0, j0 + n) of a row of dtype dt (rounded once).
@@ -166,10 +354,14 @@ TIKE_INLINE void store_tile(void* row, DType dt, int64_t j0, int n, const float*
       break;
     }
     default: {
-      _Float16* d = static_cast<_Float16*>(row) + j0;
-      for (int i = 0; i < n; ++i) d[i] = _Float16(buf[i]);
+      half_t* d = static_cast<half_t*>(row) + j0;
+      for (int i = 0; i < n; ++i) d[i] = float_to_half(buf[i]);
     }
   }
+}
+TIKE_INLINE void finish_tile(void* row, DType dt, int64_t j0, int n, const float* dst,
+                             const float* buf) {
+  if (dst == buf) store_tile(row, dt, j0, n, buf);
 }
 
 TIKE_INLINE const void* row_ptr(const void* base, DType dt, const RowLayout& l, int64_t n) {
@@ -179,56 +371,102 @@ TIKE_INLINE void* row_ptr(void* base, DType dt, const RowLayout& l, int64_t n) {
   return static_cast<char*>(base) + l.offset(n) * elem_size(dt);
 }
 
+// Software prefetch of the next tile of a row, spread over the compute loop of the current
+// one: a pass then overlaps its memory traffic with the exponentials instead of
+// alternating between waiting for a tile (the hardware prefetcher runs only a few lines
+// ahead) and computing on it.
+struct NextTile {
+  const char* p = nullptr;  // the next tile's first byte; null: nothing to prefetch
+  int esize = 0;            // bytes per element
+  // For the elements of the vector at float index i of the current tile.
+  TIKE_INLINE void at(int i) const {
+    if (p != nullptr) __builtin_prefetch(p + int64_t(i) * esize, 0, 3);
+  }
+};
+// The tile after [j0, j0 + kTile) of a row (none past the row's end).
+TIKE_INLINE NextTile next_tile(const void* row, DType dt, int64_t j0, int64_t V) {
+  NextTile t;
+  if (j0 + kTile < V) {
+    t.esize = int(elem_size(dt));
+    t.p = static_cast<const char*>(row) + (j0 + kTile) * t.esize;
+  }
+  return t;
+}
+
 // Max over a padded tile; `nan` is set when any element is NaN (max alone would hide it).
+template <class S>
 TIKE_INLINE float tile_max(const float* buf, int n, bool& nan) {
-  vf m = splat(-kInf);
-  vi bad = vi{};
-  for (int i = 0; i < n; i += kLanes) {
-    vf x = load(buf + i);
-    m = vmax(m, x);
+  typename S::vf m = S::splat(-kInf);
+  typename S::vi bad = typename S::vi{};
+  for (int i = 0; i < n; i += S::kLanes) {
+    const typename S::vf x = S::load(buf + i);
+    m = S::max(m, x);
     bad |= (x != x);
   }
-  for (int i = 0; i < kLanes; ++i) nan |= bad[i] != 0;
-  return hmax(m);
+  nan |= S::any(bad);
+  return S::hmax(m);
 }
 
-// Σ exp((x − M)·s) over a padded tile (−inf padding contributes 0).
-TIKE_INLINE float tile_sumexp(const float* buf, int n, float M, float s) {
-  vf acc = vf{};
-  const vf vM = splat(M);
+// Σ exp((x − M)·s) over a padded tile (−inf padding contributes 0). x − M is formed
+// before scaling, so neither a large M nor a large s overflows.
+template <class S>
+TIKE_INLINE float tile_sumexp(const float* buf, int n, float M, float s,
+                              const NextTile& next = NextTile{}) {
+  typename S::vf acc = typename S::vf{};
+  const typename S::vf vM = S::splat(M);
   const float c = s * kLog2e;
-  for (int i = 0; i < n; i += kLanes) acc += vexp2((load(buf + i) - vM) * c);
-  return hsum(acc);
+  for (int i = 0; i < n; i += S::kLanes) {
+    next.at(i);
+    acc += S::exp2((S::load(buf + i) - vM) * c);
+  }
+  return S::hsum(acc);
 }
+
+// A row's log-sum-exp of x·s as the pair the kernels save for the backward:
+// (M, ℓ) with M = max x and ℓ = log Σ exp((x − M)·s), so lse = M·s + ℓ and
+// log p_v = (x_v − M)·s − ℓ, never forming M·s (which loses log p's digits at low τ,
+// and overflows for logits near the float limit). A NaN or +inf logit makes both NaN
+// (as log_softmax does); an all −inf row gives (−inf, −inf).
+struct LsePair {
+  float max = 0.f, log_sum = 0.f;
+  // log p of a logit x at scale s, in double (for the few entries gathered per row).
+  double logp(float x, float s) const {
+    return (double(x) - double(max)) * double(s) - double(log_sum);
+  }
+};
 
 // Online log-sum-exp of x·s over a row, tile by tile (s = 1/τ > 0).
+template <class S>
 struct OnlineLse {
   float M = -kInf;  // running max of x
-  double S = 0.0;   // Σ exp((x − M)·s)
+  double sum = 0.0;  // Σ exp((x − M)·s)
   bool nan = false;
 
-  // Raises the running max to tm when tm is larger, rescaling S; returns the factor every
-  // other sum kept relative to M must be multiplied by (1 when M stays; 0 while M was −inf).
+  // Raises the running max to tm when tm is larger, rescaling the sum; returns the factor
+  // every other sum kept relative to M must be multiplied by (1 when M stays; 0 while M
+  // was −inf).
   TIKE_INLINE double raise_max(float tm, float s) {
     if (!(tm > M)) return 1.0;
-    const double f = std::exp(double(M - tm) * s);
-    S *= f;
+    const double f = std::exp((double(M) - double(tm)) * s);
+    sum *= f;
     M = tm;
     return f;
   }
 
   // Returns the tile max; the caller may reuse it.
-  TIKE_INLINE float add_tile(const float* buf, int n, float s) {
-    const float tm = tile_max(buf, n, nan);
+  TIKE_INLINE float add_tile(const float* buf, int n, float s, const NextTile& next = NextTile{}) {
+    const float tm = tile_max<S>(buf, n, nan);
     raise_max(tm, s);
-    if (M > -kInf) S += tile_sumexp(buf, n, M, s);
+    if (M > -kInf && M < kInf) sum += tile_sumexp<S>(buf, n, M, s, next);
     return tm;
   }
-  TIKE_INLINE float lse(float s) const {
-    if (nan) return kNaN;
-    if (M == kInf) return kInf;
-    return float(double(M) * s + std::log(S));
+  TIKE_INLINE bool bad() const { return nan || M == kInf; }
+  TIKE_INLINE LsePair pair() const {
+    if (bad()) return {kNaN, kNaN};
+    return {M, float(std::log(sum))};
   }
+  // log Σ exp(x·s) − M·s in double (−inf for an empty or all −inf row).
+  TIKE_INLINE double log_sum() const { return bad() ? double(kNaN) : std::log(sum); }
 };
 
 }  // namespace tike::cpu

@@ -18,8 +18,8 @@ struct FullKlForwardArgs {
   const bool* mask = nullptr;
   float temperature = 1.f;
   float* out = nullptr;    // [N]
-  float* lse_p = nullptr;  // [N]
-  float* lse_q = nullptr;  // [N]
+  float* lse_p = nullptr;  // [N, 2]: (max z, log Σ exp((z − max)/τ))
+  float* lse_q = nullptr;  // [N, 2]: the same for zr
 };
 
 struct FullKlBackwardArgs {

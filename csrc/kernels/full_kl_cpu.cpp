@@ -1,8 +1,13 @@
 // CPU kernels of the exact full-vocabulary KL (docs/kernels.md).
-// Forward: one pass over z and zr together. With e_v = exp((z_v − M)/τ) under the running
-// max M of z, keep Σ e_v and Σ e_v (z_v − zr_v)/τ (rescaled when M grows) beside the
-// online log-sum-exp of zr; then KL = Σ e_v (z_v − zr_v)/τ / Σ e_v − (lse_p − lse_q).
+// Forward: one pass over z and zr together, both kept relative to their running maxima
+// (M_p of z, R_q of zr): with e_v = exp((z_v − M_p)/τ), dz_v = (z_v − M_p)/τ and
+// dq_v = (zr_v − R_q)/τ, keep Σ e_v and X = Σ e_v (dz_v − dq_v) (rescaled when a max
+// grows) beside the online log-sum-exp of zr; then, with ℓ = log Σ exp((x − max)/τ),
+//   KL = X / Σe − ℓ_p + ℓ_q.
+// Neither z/τ nor z − zr is ever formed, so logits near the float limit or a tiny τ
+// cost no digits, and a q_v that underflows where p_v > 0 gives +inf, never NaN.
 // Backward: one pass over z and zr writing (g/τ) p_j (L_j − KL).
+// Compiled once per instruction-set path (cpu_simd.h, TIKE_CPU_KERNEL).
 #include "full_kl_cpu.h"
 
 #include <algorithm>
@@ -13,82 +18,125 @@
 namespace tike::cpu {
 namespace {
 
+template <class S>
 TIKE_INLINE void forward_row(const FullKlForwardArgs& a, int64_t r, float* zb, float* qb) {
+  using vf = typename S::vf;
   if (a.mask && !a.mask[r]) {
-    a.out[r] = a.lse_p[r] = a.lse_q[r] = 0.f;
+    a.out[r] = a.lse_p[2 * r] = a.lse_p[2 * r + 1] = a.lse_q[2 * r] = a.lse_q[2 * r + 1] = 0.f;
     return;
   }
   const float s = 1.f / a.temperature;
   const void* zrow = row_ptr(a.logits, a.dtype, a.logits_layout, r);
   const void* qrow = row_ptr(a.ref_logits, a.dtype, a.ref_layout, r);
-  OnlineLse lp, lq;
-  double cross = 0.0;  // Σ e_v (z_v − zr_v)/τ, relative to lp.M like lp.S
+  OnlineLse<S> lp, lq;
+  float Rq = 0.f;   // reference point of dq: lq.M once that is finite
+  double X = 0.0;   // Σ e_v (dz_v − dq_v), relative to lp.M and Rq
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
-    const int npad = (n + kLanes - 1) / kLanes * kLanes;
-    const float* z = tile_src(zrow, a.dtype, j0, n, zb);
-    const float* q = tile_src(qrow, a.dtype, j0, n, qb);
+    const int npad = S::padded(n);
+    const float* z = tile_src<S>(zrow, a.dtype, j0, n, zb);
+    const float* q = tile_src<S>(qrow, a.dtype, j0, n, qb);
     lq.add_tile(q, npad, s);
-    const float tm = tile_max(z, npad, lp.nan);
-    cross *= lp.raise_max(tm, s);
-    if (!(lp.M > -kInf)) continue;
-    const vf vM = splat(lp.M);
-    const float c = s * kLog2e;
-    vf se = vf{}, sc = vf{};
-    for (int i = 0; i < npad; i += kLanes) {
-      const vf zi = load(z + i), e = vexp2((zi - vM) * c);
-      se += e;
-      // e = 0 terms (z = −inf) count 0 even where zr = −inf too
-      sc += e != 0.f ? e * ((zi - load(q + i)) * s) : vf{};
+    if (lq.M > -kInf && lq.M < kInf && lq.M != Rq) {  // dq_v of earlier terms drop by ΔR/τ
+      if (lp.sum > 0.0) X += (double(lq.M) - double(Rq)) * s * lp.sum;
+      Rq = lq.M;
     }
-    lp.S += hsum(se);
-    cross += hsum(sc);
+    const float M0 = lp.M;
+    const double S0 = lp.sum;
+    const float tm = tile_max<S>(z, npad, lp.nan);
+    const double f = lp.raise_max(tm, s);  // dz_v of earlier terms drop by ΔM/τ
+    if (lp.M != M0 && S0 > 0.0) X = f * (X + S0 * (double(M0) - double(lp.M)) * s);
+    if (!(lp.M > -kInf && lp.M < kInf)) continue;
+    const vf vM = S::splat(lp.M), vR = S::splat(Rq);
+    const float c = s * kLog2e;
+    vf se = vf{}, sx = vf{};
+    // Min of zr over the lanes where z > −inf (0·(z − M) is NaN where z = −inf, and a NaN
+    // never wins the min): −inf there means q_v = 0 < p_v. Float ops only: GCC 12 lowers
+    // the integer-mask version of this test element by element on AVX-512.
+    vf q_min = S::splat(kInf);
+    const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
+    const NextTile next_q = next_tile(qrow, a.dtype, j0, a.V);
+    for (int i = 0; i < npad; i += S::kLanes) {
+      next_z.at(i);
+      next_q.at(i);
+      const vf zi = S::load(z + i), qi = S::load(q + i), d = zi - vM, e = S::exp2(d * c);
+      se += e;
+      // e = 0 terms (z far below its max, or −inf) count 0, even where zr = −inf too.
+      // (e/τ)·(zr − R) before a sum: (zr − R)/τ alone overflows for zr = −FLT_MAX (a
+      // common mask value) while its product with e may not.
+      const vf es = e * s;
+      sx += e != 0.f ? es * d - es * (qi - vR) : vf{};
+      const vf qz = qi + d * 0.f;
+      q_min = qz < q_min ? qz : q_min;
+    }
+    // q_v = 0 < p_v makes the KL +inf, also where p_v underflows in float (e = 0).
+    if (S::hmin(q_min) == -kInf) X = double(kInf);
+    lp.sum += S::hsum(se);
+    X += S::hsum(sx);
   }
-  const float lse_p = lp.lse(s), lse_q = lq.lse(s);
-  a.lse_p[r] = lse_p;
-  a.lse_q[r] = lse_q;
-  a.out[r] = float(cross / lp.S - (double(lse_p) - double(lse_q)));
+  const LsePair pp = lp.pair(), pq = lq.pair();
+  a.lse_p[2 * r] = pp.max;
+  a.lse_p[2 * r + 1] = pp.log_sum;
+  a.lse_q[2 * r] = pq.max;
+  a.lse_q[2 * r + 1] = pq.log_sum;
+  a.out[r] = float(X / lp.sum - lp.log_sum() + lq.log_sum());
 }
 
+template <class S>
 TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb, float* qb) {
+  using vf = typename S::vf;
   void* grow = static_cast<char*>(a.grad) + r * a.V * elem_size(a.dtype);
   const bool skip = a.mask && !a.mask[r];
   const float s = 1.f / a.temperature;
   const void* zrow = row_ptr(a.logits, a.dtype, a.logits_layout, r);
   const void* qrow = row_ptr(a.ref_logits, a.dtype, a.ref_layout, r);
   const float gs = skip ? 0.f : a.grad_out[r] * s;
-  const vf vlp = splat(a.lse_p[r]), dl = splat(a.lse_p[r] - a.lse_q[r] + a.out[r]);
+  const float Mp = a.lse_p[2 * r], lp = a.lse_p[2 * r + 1];
+  const float Mq = a.lse_q[2 * r], lq = a.lse_q[2 * r + 1];
+  // p_j = exp(dz_j − ℓ_p), p_j (L_j − KL) = p_j (dz_j − (ℓ_p − ℓ_q + KL)) − (p_j/τ)(zr_j − M_q)
+  const vf vMp = S::splat(Mp), vMq = S::splat(Mq), vlp = S::splat(lp);
+  const vf dl = S::splat(lp - lq + a.out[r]);
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
-    const int npad = (n + kLanes - 1) / kLanes * kLanes;
-    float* out = tile_dst(grow, a.dtype, j0, n, zb);
+    const int npad = S::padded(n);
+    float* out = tile_dst<S>(grow, a.dtype, j0, n, zb);
     if (skip) {  // masked rows: zero gradient, inputs not read
       std::fill(out, out + n, 0.f);
     } else {
-      const float* z = tile_src(zrow, a.dtype, j0, n, zb);
-      const float* q = tile_src(qrow, a.dtype, j0, n, qb, 0.f);
-      for (int i = 0; i < npad; i += kLanes) {
-        const vf zi = load(z + i), p = vexp(zi * s - vlp);
-        const vf g = p * ((zi - load(q + i)) * s - dl) * gs;  // p_j (L_j − KL) g/τ
-        store(out + i, p != 0.f ? g : vf{});
+      const float* z = tile_src<S>(zrow, a.dtype, j0, n, zb);
+      const float* q = tile_src<S>(qrow, a.dtype, j0, n, qb, 0.f);
+      const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
+      const NextTile next_q = next_tile(qrow, a.dtype, j0, a.V);
+      const GradTile<S> dst = grad_tile<S>(out, zb);
+      for (int i = 0; i < npad; i += S::kLanes) {
+        next_z.at(i);
+        next_q.at(i);
+        const vf dz = (S::load(z + i) - vMp) * s, p = S::exp(dz - vlp);
+        const vf g = (p * (dz - dl) - (p * s) * (S::load(q + i) - vMq)) * gs;
+        dst.put(i, p != 0.f ? g : vf{});
       }
     }
     finish_tile(grow, a.dtype, j0, n, out, zb);
   }
 }
 
+template <class S>
+TIKE_INLINE void forward_rows(const FullKlForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  std::vector<float> zb(kTile), qb(kTile);
+  for (int64_t r = row_begin; r < row_end; ++r) forward_row<S>(a, r, zb.data(), qb.data());
+}
+
+template <class S>
+TIKE_INLINE void backward_rows(const FullKlBackwardArgs& a, int64_t row_begin,
+                               int64_t row_end) {
+  std::vector<float> zb(kTile), qb(kTile);
+  for (int64_t r = row_begin; r < row_end; ++r) backward_row<S>(a, r, zb.data(), qb.data());
+  S::stream_fence();
+}
+
 }  // namespace
 
-TIKE_CPU_HOT void full_kl_forward_rows(const FullKlForwardArgs& a, int64_t row_begin,
-                                       int64_t row_end) {
-  std::vector<float> zb(kTile), qb(kTile);
-  for (int64_t r = row_begin; r < row_end; ++r) forward_row(a, r, zb.data(), qb.data());
-}
-
-TIKE_CPU_HOT void full_kl_backward_rows(const FullKlBackwardArgs& a, int64_t row_begin,
-                                        int64_t row_end) {
-  std::vector<float> zb(kTile), qb(kTile);
-  for (int64_t r = row_begin; r < row_end; ++r) backward_row(a, r, zb.data(), qb.data());
-}
+TIKE_CPU_KERNEL(full_kl_forward_rows, FullKlForwardArgs, forward_rows)
+TIKE_CPU_KERNEL(full_kl_backward_rows, FullKlBackwardArgs, backward_rows)
 
 }  // namespace tike::cpu

@@ -2,9 +2,10 @@
 // sparse_reference and the forward of topk_kl_sparse (its backward is topk_kl's).
 //
 // Per row, one CTA, ONE streaming pass (stream_segment, 16-byte loads): the lazily
-// referenced sum of 2^(x·c − m) over all columns (the log-sum-exp) and, on the same
-// reference, over the columns outside S~ only — the tail mass summed directly over its
-// own terms, never 1 − head. Membership costs one register compare per vector: S~
+// referenced sum of 2^(x·c − E) (common.cuh: Ref) over all columns (the log-sum-exp) and,
+// on a reference of its own, over the columns outside S~ only — the tail mass summed
+// directly over its own terms, never 1 − head, and never underflowing against the row's
+// max (LazyLseTail). Membership costs one register compare per vector: S~
 // arrives sorted, and each thread walks it alongside its (increasing) columns. Then K1
 // gathers: log q on S~ (sparse_reference), or the TIKE terms of tike_terms.h against the
 // stored log q (topk_kl_sparse), in double.
@@ -66,93 +67,143 @@ struct SupportCursor {
   }
 };
 
-// Σ 2^(x_i·c − m) over a thread's columns (s) and over those not flagged as members of
-// S~ (t), on one lazily moved reference m (as LazyLse: it moves only when a chunk would
-// pass 2^64). −inf terms count 0; NaN propagates.
+// Σ 2^(x_i·c − E) over a thread's columns (s), on one lazily moved reference (common.cuh:
+// Ref, as LazyLse: it moves only when a chunk would pass 2^64); and the tail, Σ over the
+// columns not flagged as members of S~, on a lazily moved reference of its OWN (E_t, the
+// tail's max up to 2^64), so a tail far below the row's max (t ~ 1e-60 at a low τ, when
+// S~ holds ~all the mass) keeps its digits instead of underflowing. A tail term is the
+// row term times F = 2^(E − E_t) (no second exponential) where that is exact — every
+// member-free term of the chunk at least 2^-100 relative to E, and F below 2^100 —, else
+// its own exponential. −inf terms count 0; NaN propagates.
 struct LazyLseTail {
-  float m = -kInf, s = 0.f, t = 0.f;
+  static constexpr float kTiny = -100.f;  // exponents below it may have lost digits
+  Ref ref, rt;
+  float s = 0.f, t = 0.f;
+  float F = 0.f;  // 2^(E − E_t) when fast_tail
+  bool fast_tail = false;
 
   template <int N>
-  __device__ __forceinline__ void add(const float (&x)[N], uint32_t members, float c) {
-    float e[N], a = 0.f;
+  __device__ __forceinline__ void add(const float (&x)[N], uint32_t members, float c, bool tail) {
+    float y[N], e[N], a = 0.f;
+    ref.exponents(x, c, y);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      e[i] = ex2(scaled_minus(x[i], c, m));
+      e[i] = ex2(y[i]);
       a += e[i];
     }
     if (!(a <= kLazyLimit)) {
-      add_slow(x, members, c);
+      add_slow(x, c);
+      if (tail) tail_slow(x, members, c);
       return;
     }
-    float b = a;
-    if (members != 0u) {
-      b = 0.f;
-#pragma unroll
-      for (int i = 0; i < N; ++i) b += ((members >> i) & 1u) ? 0.f : e[i];
-    }
     s += a;
-    t += b;
-  }
-  template <int N>
-  __device__ __forceinline__ void add_slow(const float (&x)[N], uint32_t members, float c) {
-    float mx = m;
-#pragma unroll
-    for (int i = 0; i < N; ++i) mx = fmaxf(mx, __fmul_rn(x[i], c));
-    if (mx > m) {
-      if (s != 0.f) {
-        const float f = ex2(m - mx);
-        s *= f;
-        t *= f;
-      }
-      m = mx;
-    }
-    float a = 0.f, b = 0.f;
+    if (!tail) return;
+    float b = 0.f;
+    bool tiny = false;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      if (x[i] == -kInf) continue;
-      const float e = ex2(scaled_minus(x[i], c, m));
-      a += e;
-      b += ((members >> i) & 1u) ? 0.f : e;
+      const bool out = !((members >> i) & 1u);
+      b += out ? e[i] : 0.f;
+      tiny |= out && x[i] > -kInf && !(y[i] >= kTiny);  // NaN too
     }
+    const float tb = b * F;
+    if (fast_tail && !tiny && tb <= kLazyLimit) {
+      t += tb;
+    } else {
+      tail_slow(x, members, c);
+    }
+  }
+  template <int N>
+  __device__ __forceinline__ void add_slow(const float (&x)[N], float c) {
+    float mx = ref.R;
+#pragma unroll
+    for (int i = 0; i < N; ++i) mx = fmaxf(mx, x[i]);
+    move_to(Ref::at(mx, c), c);
+    float a = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) a += x[i] == -kInf ? 0.f : ex2(ref.exponent(x[i], c));
     s += a;
+  }
+  // The chunk's tail terms each from its own exponential, the tail reference first
+  // raised to their max (where higher).
+  template <int N>
+  __device__ __forceinline__ void tail_slow(const float (&x)[N], uint32_t members, float c) {
+    float mx = rt.R;
+#pragma unroll
+    for (int i = 0; i < N; ++i) mx = ((members >> i) & 1u) ? mx : fmaxf(mx, x[i]);
+    move_tail_to(Ref::at(mx, c), c);
+    float b = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      b += ((members >> i) & 1u) || x[i] == -kInf ? 0.f : ex2(rt.exponent(x[i], c));
     t += b;
   }
+  __device__ __forceinline__ void update_factor(float c) {
+    const double d = rt.R > -kInf ? ref_shift(rt, ref, c) : double(kInf);  // E − E_t
+    fast_tail = d <= 100.0 && d >= -100.0;  // false for NaN
+    F = fast_tail ? float(exp2(d)) : 0.f;
+  }
+  __device__ __forceinline__ void move_to(const Ref& to, float c) {
+    if (to.R > ref.R) {
+      if (s != 0.f) s *= ref_factor(ref, to, c);
+      ref = to;
+      update_factor(c);
+    }
+  }
+  __device__ __forceinline__ void move_tail_to(const Ref& to, float c) {
+    if (to.R > rt.R) {
+      if (t != 0.f) t *= ref_factor(rt, to, c);
+      rt = to;
+      update_factor(c);
+    }
+  }
 };
 
-// The row's log-sum-exp as the reference m (a rounded x·c, base 2) and log2 S, so that
-// log p_v = ln2·((x_v·c − m) − log2 S) keeps its digits however large x/τ is (never
-// x/τ − lse, two huge numbers cancelling); and the tail mass relative to S.
+// The row's log-sum-exp as a reference (Ref) and log2 S, so that log p_v =
+// ln2·((x_v·c − E) − log2 S), formed in double from x_v − R, keeps its digits however large
+// x/τ is (never x/τ − lse, two huge numbers cancelling); and the log of the tail mass.
 struct RowPass {
-  float m, c;
-  double l2s;   // log2 Σ_v 2^(x_v·c − m)
-  double tail;  // Σ_{v∉S~} p_v, from the tail terms
-  bool defined;  // false: a NaN, a +inf or no finite logit in the row (p undefined)
+  Ref ref;
+  float c;
+  double l2s;       // log2 Σ_v 2^(x_v·c − E)
+  double log_tail;  // log Σ_{v∉S~} p_v, from the tail terms (−inf when there are none)
+  bool defined;     // false: a NaN, a +inf or no finite logit in the row (p undefined)
 
   __device__ __forceinline__ double log_prob(float x) const {
-    return kLn2 * ((double(__fmul_rn(x, c)) - double(m)) - l2s);
+    return kLn2 * (ref.exponent_d(x, c) - l2s);
   }
-  __device__ __forceinline__ double lse() const { return kLn2 * (double(m) + l2s); }
+  // ℓ of the saved pair (M, ℓ) = (R, ℓ): log Σ exp((x − R)/τ) = ln2·(log2 S − r).
+  __device__ __forceinline__ double log_sum() const { return kLn2 * (l2s - double(ref.r)); }
 };
 
-// One pass over the row: the log-sum-exp of x/τ and (with a non-empty cursor) the tail
-// mass. All kThreads threads take part; every thread gets the result.
+// One pass over the row: the log-sum-exp of x/τ and (with `tail`) the tail mass of the
+// columns the cursor does not flag. All kThreads threads take part; every thread gets the
+// result.
 template <typename T>
 __device__ __forceinline__ RowPass scan_row(const T* row, int V, float c, SupportCursor& cur,
-                                            float* fs) {
+                                            bool tail, float* fs) {
   constexpr int N = Vec<T>::N;
   LazyLseTail acc;
   stream_segment<T, false, 4>(row, row, 0, V,
                               [&](const float (&x)[N], const float (&)[N], int j) {
-                                acc.add(x, cur.flags(j, N), c);
+                                acc.add(x, tail ? cur.flags(j, N) : 0u, c, tail);
                               });
-  const float m = block_max(acc.m, fs);
-  const float s = block_sum(acc.s != 0.f ? acc.s * ex2(acc.m - m) : 0.f, fs);
-  const float t = block_sum(acc.t != 0.f ? acc.t * ex2(acc.m - m) : 0.f, fs);
+  const Ref ref = Ref::at(block_max(acc.ref.R, fs), c);
+  acc.move_to(ref, c);
+  const float s = block_sum(acc.s, fs);
   RowPass r;
-  r.m = m;
+  r.ref = ref;
   r.c = c;
   r.l2s = log2(double(s));
-  r.tail = double(t) / double(s);
+  r.log_tail = 0.0;
+  if (tail) {
+    const Ref rt = Ref::at(block_max(acc.rt.R, fs), c);
+    acc.move_tail_to(rt, c);
+    const float t = block_sum(acc.t, fs);
+    // log(Σ 2^(x·c − E_t) · 2^(E_t − E) / S), E_t − E from the references, in double
+    r.log_tail = t == 0.f ? -kInfD
+                          : kLn2 * (log2(double(t)) - r.l2s + ref_shift(ref, rt, c));
+  }
   // s > 0 and finite: a NaN propagates into s, a +inf logit makes it inf − inf = NaN, a
   // row of −inf leaves it 0.
   r.defined = s > 0.f && s < kInf;
@@ -217,18 +268,18 @@ __global__ void __launch_bounds__(kThreads) reference_kernel(const SparseReferen
   }
   const T* qrow = row_base<T>(a.ref_logits, a.ref_layout, n);
   SupportCursor cur(srt, k, o_extra ? o : -1);
-  const RowPass q = scan_row(qrow, V, kLog2e / a.temperature, cur, fs);
+  const RowPass q = scan_row(qrow, V, kLog2e / a.temperature, cur, true, fs);
   for (int s = tid; s < K1; s += kThreads) {
     const int j = s < k ? sup[s] : (o_extra ? o : -1);
     lq[s] = !q.defined ? nan : j < 0 ? -kInf : float(q.log_prob(load1(qrow + j)));
   }
-  if (tid == 0) a.tail_logmass[n] = q.defined ? float(log(q.tail)) : nan;
+  if (tid == 0) a.tail_logmass[n] = q.defined ? float(q.log_tail) : nan;
 }
 
 __device__ __forceinline__ void write_policy_row(const TopkKlSparseArgs& a, int64_t n, float v) {
   for (int s = threadIdx.x; s < a.K1; s += kThreads) a.coef[n * a.K1 + s] = v;
   if (threadIdx.x == 0) {
-    a.out[n] = a.lse[n] = a.shift[n] = v;
+    a.out[n] = a.lse[2 * n] = a.lse[2 * n + 1] = a.shift[n] = v;
     a.stats[n * 3] = a.stats[n * 3 + 1] = a.stats[n * 3 + 2] = v;
   }
 }
@@ -252,9 +303,8 @@ __global__ void __launch_bounds__(kThreads) policy_kernel(const TopkKlSparseArgs
     return;
   }
   const T* zrow = row_base<T>(a.logits, a.logits_layout, n);
-  // Without the tail bucket the pass needs no membership: an empty list.
-  SupportCursor cur(a.sorted + n * K1, a.tail_bucket ? K1 : 0, -1);
-  const RowPass p = scan_row(zrow, V, kLog2e / a.temperature, cur, fs);
+  SupportCursor cur(a.sorted + n * K1, K1, -1);
+  const RowPass p = scan_row(zrow, V, kLog2e / a.temperature, cur, a.tail_bucket, fs);
   if (!p.defined) {  // uniform: every thread has the same p
     write_policy_row(a, n, __int_as_float(0x7fc00000));
     return;
@@ -273,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) policy_kernel(const TopkKlSparseArgs
   h.m_p = block_sum(h.m_p, ds);
   h.m_q = block_sum(h.m_q, ds);
   const TikeTail t =
-      a.tail_bucket ? tike_tail(p.tail, double(a.ref_tail_logmass[n])) : TikeTail{};
+      a.tail_bucket ? tike_tail(p.log_tail, double(a.ref_tail_logmass[n])) : TikeTail{};
   const double scale = ratio * inv_tau;
   for (int s = tid; s < K1; s += kThreads) {
     const int j = idx[s];
@@ -282,7 +332,9 @@ __global__ void __launch_bounds__(kThreads) policy_kernel(const TopkKlSparseArgs
   }
   if (tid == 0) {
     a.out[n] = float(ratio * (h.D + t.T));
-    a.lse[n] = float(p.lse());
+    // the pair (M, ℓ) of docs/kernels.md
+    a.lse[2 * n] = p.ref.R;
+    a.lse[2 * n + 1] = float(p.log_sum());
     a.shift[n] = float(scale * (h.C - h.m_p * t.b));
     a.stats[n * 3] = float(h.m_p);
     a.stats[n * 3 + 1] = float(lp_o);

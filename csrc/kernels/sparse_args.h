@@ -55,7 +55,7 @@ struct TopkKlSparseArgs {
   bool tail_bucket = false;
   // outputs (as topk_kl's, without idx: S~ is an input)
   float* out = nullptr;    // [N]
-  float* lse = nullptr;    // [N]
+  float* lse = nullptr;    // [N, 2]: (M, ℓ) of lse_p, as topk_kl's
   float* coef = nullptr;   // [N, K1]
   float* shift = nullptr;  // [N]
   float* stats = nullptr;  // [N, 3]

@@ -1,13 +1,16 @@
 // CPU kernels of the fixed-support ops. Both make ONE pass over a row: the online
-// log-sum-exp and, beside it, the sum of the terms of the columns outside S~ (the tail
-// mass, summed directly so a tiny tail keeps its digits: never 1 − head). S~ arrives
-// sorted, so each tile zeroes its members' terms in order. Then K1 gathers.
+// log-sum-exp and, beside it, the tail mass Σ_{v∉S~} as an online log-sum-exp of its own
+// over the tile with the S~ columns set to −inf (tail_lse_cpu.h: summed directly, relative
+// to the tail's own max, so a tiny tail keeps its digits: never 1 − head). S~ arrives
+// sorted, so the tiles walk it in order. Then K1 gathers, with log p = (x − M)/τ − ℓ from
+// the row's (M, ℓ) pair.
 //   sparse_reference: over the reference row → log q on S~ and log t_q;
-//   topk_kl_sparse:   over the policy row → lse_p (and t_p for the tail bucket), then
-//                     the TIKE terms of tike_terms.h against the stored log q.
+//   topk_kl_sparse:   over the policy row → the pair of lse_p (and log t_p for the tail
+//                     bucket), then the TIKE terms of tike_terms.h against the stored log q.
 // A row whose S~ is out of range or repeats an index (the glue rejects those on the CPU)
 // or whose sampled token is out of range gives NaN, never a read out of bounds; so does a
 // row whose distribution is undefined (a NaN, a +inf logit, no finite logit).
+// Compiled once per instruction-set path (cpu_simd.h, TIKE_CPU_KERNEL).
 #include "sparse_cpu.h"
 
 #include <algorithm>
@@ -15,20 +18,20 @@
 #include <vector>
 
 #include "cpu_simd.h"
+#include "tail_lse_cpu.h"
 #include "tike_terms.h"
 
 namespace tike::cpu {
 namespace {
 
 struct Scratch {
-  std::vector<float> buf = std::vector<float>(kTile + kLanes);
-  std::vector<float> terms = std::vector<float>(kTile + kLanes);
+  std::vector<float> buf = std::vector<float>(kTile);
   std::vector<int32_t> members;  // S~ of the row, ascending
 };
 
 // Whether an ascending row of n indices is strictly increasing inside [0, V) (no index
 // twice); with allow_empty, leading −1 entries (empty slots) are allowed.
-TIKE_INLINE bool valid_sorted(const int32_t* s, int64_t n, int64_t V, bool allow_empty) {
+inline bool valid_sorted(const int32_t* s, int64_t n, int64_t V, bool allow_empty) {
   int64_t prev = -1;
   for (int64_t i = 0; i < n; ++i) {
     if (s[i] == -1 && allow_empty && prev == -1) continue;
@@ -39,47 +42,36 @@ TIKE_INLINE bool valid_sorted(const int32_t* s, int64_t n, int64_t V, bool allow
 }
 
 struct LseTail {
-  float lse;    // log Σ_v exp(x_v·s)
-  double tail;  // Σ_{v∉S~} exp(x_v·s − lse), summed over the tail terms
+  LsePair lse;            // (M, ℓ) of the row
+  double log_tail = 0.0;  // log Σ_{v∉S~} exp((x_v − M)·s − ℓ)
+  // Whether the row's distribution is defined: no NaN, no +inf, some finite logit.
+  bool defined() const { return std::isfinite(lse.max) && std::isfinite(lse.log_sum); }
 };
 
-// One pass over a row: the online log-sum-exp of x·s and, with `want_tail`, the direct
-// sum of the terms of the columns not in `members` (ascending, all in [0, V)).
+// One pass over a row: the online log-sum-exp of x·s and, with `want_tail`, the one of the
+// columns not in `members` (ascending, all in [0, V)).
+template <class S>
 TIKE_INLINE LseTail scan_lse_tail(const void* row, DType dt, int64_t V, float s,
                                   const std::vector<int32_t>& members, bool want_tail,
                                   Scratch& sc) {
-  OnlineLse acc;
-  double tail = 0.0;  // relative to acc.M, rescaled with acc.S
-  float* terms = sc.terms.data();
-  size_t m = 0;
-  const float c = s * kLog2e;
+  OnlineLse<S> all, tail;
+  auto cursor = member_cursor([&](size_t e) { return int64_t(members[e]); }, members.size());
+  float* buf = sc.buf.data();
   for (int64_t j0 = 0; j0 < V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, V - j0));
-    const int npad = (n + kLanes - 1) / kLanes * kLanes;
-    const float* x = tile_src(row, dt, j0, n, sc.buf.data());
-    if (!want_tail) {
-      acc.add_tile(x, npad, s);
-      continue;
-    }
-    const float tm = tile_max(x, npad, acc.nan);
-    tail *= acc.raise_max(tm, s);
-    if (!(acc.M > -kInf)) continue;
-    const vf vM = splat(acc.M);
-    vf all = vf{};
-    for (int i = 0; i < npad; i += kLanes) {
-      const vf t = vexp2((load(x + i) - vM) * c);
-      store(terms + i, t);
-      all += t;
-    }
-    acc.S += hsum(all);
-    for (; m < members.size() && members[m] < j0 + n; ++m) terms[members[m] - j0] = 0.f;
-    vf t = vf{};
-    for (int i = 0; i < npad; i += kLanes) t += load(terms + i);
-    tail += hsum(t);
+    const int npad = S::padded(n);
+    const float* x = tile_src<S>(row, dt, j0, n, buf);
+    all.add_tile(x, npad, s, next_tile(row, dt, j0, V));
+    if (!want_tail) continue;
+    tail.add_tile(cursor.mask(x, npad, j0, cursor.advance(j0, n), buf), npad, s);
   }
-  return {acc.lse(s), acc.nan ? double(kNaN) : acc.S > 0.0 ? tail / acc.S : 0.0};
+  LseTail r;
+  r.lse = all.pair();
+  if (want_tail) r.log_tail = log_tail(tail, r.lse, s);
+  return r;
 }
 
+template <class S>
 TIKE_INLINE void reference_row(const SparseReferenceArgs& a, int64_t r, Scratch& sc) {
   const int64_t k = a.k, K1 = a.K1;
   int32_t* idx = a.idx + r * K1;
@@ -110,23 +102,24 @@ TIKE_INLINE void reference_row(const SparseReferenceArgs& a, int64_t r, Scratch&
                       int32_t(tok));
   const float s = 1.f / a.temperature;
   const void* qrow = row_ptr(a.ref_logits, a.dtype, a.ref_layout, r);
-  const LseTail q = scan_lse_tail(qrow, a.dtype, a.V, s, sc.members, true, sc);
-  if (!std::isfinite(q.lse)) {  // a NaN, a +inf or no finite logit: q undefined
+  const LseTail q = scan_lse_tail<S>(qrow, a.dtype, a.V, s, sc.members, true, sc);
+  if (!q.defined()) {  // a NaN, a +inf or no finite logit: q undefined
     std::fill(lq, lq + K1, kNaN);
     a.tail_logmass[r] = kNaN;
     return;
   }
   for (int64_t slot = 0; slot < K1; ++slot)
-    lq[slot] = idx[slot] < 0 ? -kInf : float(double(load_one(qrow, a.dtype, idx[slot])) * s - q.lse);
-  a.tail_logmass[r] = float(std::log(q.tail));
+    lq[slot] = idx[slot] < 0 ? -kInf : float(q.lse.logp(load_one(qrow, a.dtype, idx[slot]), s));
+  a.tail_logmass[r] = float(q.log_tail);
 }
 
-TIKE_INLINE void write_row(const TopkKlSparseArgs& a, int64_t r, float value) {
+inline void write_row(const TopkKlSparseArgs& a, int64_t r, float value) {
   std::fill(a.coef + r * a.K1, a.coef + (r + 1) * a.K1, value);
   std::fill(a.stats + r * 3, a.stats + r * 3 + 3, value);
-  a.out[r] = a.lse[r] = a.shift[r] = value;
+  a.out[r] = a.lse[2 * r] = a.lse[2 * r + 1] = a.shift[r] = value;
 }
 
+template <class S>
 TIKE_INLINE void policy_row(const TopkKlSparseArgs& a, int64_t r, Scratch& sc) {
   if (a.mask && !a.mask[r]) {  // masked rows are never read
     write_row(a, r, 0.f);
@@ -145,28 +138,27 @@ TIKE_INLINE void policy_row(const TopkKlSparseArgs& a, int64_t r, Scratch& sc) {
   sc.members.assign(first, sorted + K1);
   const float s = 1.f / a.temperature;
   const void* zrow = row_ptr(a.logits, a.dtype, a.logits_layout, r);
-  const LseTail p = scan_lse_tail(zrow, a.dtype, a.V, s, sc.members, a.tail_bucket, sc);
-  if (!std::isfinite(p.lse)) {  // a NaN, a +inf or no finite logit: p undefined
+  const LseTail p = scan_lse_tail<S>(zrow, a.dtype, a.V, s, sc.members, a.tail_bucket, sc);
+  if (!p.defined()) {  // a NaN, a +inf or no finite logit: p undefined
     write_row(a, r, kNaN);
     return;
   }
 
   double lp_o = 0.0, ratio = 1.0;
-  if (tok >= 0) lp_o = double(load_one(zrow, a.dtype, tok)) * s - p.lse;
+  if (tok >= 0) lp_o = p.lse.logp(load_one(zrow, a.dtype, tok), s);
   if (a.old_logprobs) ratio = std::exp(lp_o - double(a.old_logprobs[r]));
-  auto lp_at = [&](int64_t slot) {
-    return double(load_one(zrow, a.dtype, idx[slot])) * s - p.lse;
-  };
+  auto lp_at = [&](int64_t slot) { return p.lse.logp(load_one(zrow, a.dtype, idx[slot]), s); };
   TikeHead h;
   for (int64_t slot = 0; slot < K1; ++slot)
     if (idx[slot] >= 0) h.add(lp_at(slot), lq[slot]);
-  const TikeTail t = a.tail_bucket ? tike_tail(p.tail, a.ref_tail_logmass[r]) : TikeTail{};
+  const TikeTail t = a.tail_bucket ? tike_tail(p.log_tail, a.ref_tail_logmass[r]) : TikeTail{};
   const double scale = ratio * s;
   float* coef = a.coef + r * K1;
   for (int64_t slot = 0; slot < K1; ++slot)
     coef[slot] = idx[slot] < 0 ? 0.f : tike_coef(lp_at(slot), lq[slot], scale, t.b);
   a.out[r] = float(ratio * (h.D + t.T));
-  a.lse[r] = p.lse;
+  a.lse[2 * r] = p.lse.max;
+  a.lse[2 * r + 1] = p.lse.log_sum;
   a.shift[r] = float(scale * (h.C - h.m_p * t.b));
   float* stats = a.stats + r * 3;
   stats[0] = float(h.m_p);
@@ -174,18 +166,22 @@ TIKE_INLINE void policy_row(const TopkKlSparseArgs& a, int64_t r, Scratch& sc) {
   stats[2] = float(h.m_q);
 }
 
+template <class S>
+TIKE_INLINE void reference_rows(const SparseReferenceArgs& a, int64_t row_begin,
+                                int64_t row_end) {
+  Scratch sc;
+  for (int64_t r = row_begin; r < row_end; ++r) reference_row<S>(a, r, sc);
+}
+
+template <class S>
+TIKE_INLINE void policy_rows(const TopkKlSparseArgs& a, int64_t row_begin, int64_t row_end) {
+  Scratch sc;
+  for (int64_t r = row_begin; r < row_end; ++r) policy_row<S>(a, r, sc);
+}
+
 }  // namespace
 
-TIKE_CPU_HOT void sparse_reference_rows(const SparseReferenceArgs& a, int64_t row_begin,
-                                        int64_t row_end) {
-  Scratch sc;
-  for (int64_t r = row_begin; r < row_end; ++r) reference_row(a, r, sc);
-}
-
-TIKE_CPU_HOT void topk_kl_sparse_rows(const TopkKlSparseArgs& a, int64_t row_begin,
-                                      int64_t row_end) {
-  Scratch sc;
-  for (int64_t r = row_begin; r < row_end; ++r) policy_row(a, r, sc);
-}
+TIKE_CPU_KERNEL(sparse_reference_rows, SparseReferenceArgs, reference_rows)
+TIKE_CPU_KERNEL(topk_kl_sparse_rows, TopkKlSparseArgs, policy_rows)
 
 }  // namespace tike::cpu

@@ -30,11 +30,14 @@ struct TikeTail {
   double T = 0.0, b = 0.0;
 };
 
-// t_p = Σ_{v∉S~} p_v and log t_q, each taken from a direct tail sum.
-TIKE_HD TikeTail tike_tail(double t_p, double log_tq) {
+// From log t_p and log t_q, t = Σ_{v∉S~} of p or q, each taken from a direct tail sum
+// (kept as a logarithm: a tail below the float range keeps its digits). T = b = 0 when
+// t_p = 0 in double; NaN propagates.
+TIKE_HD TikeTail tike_tail(double log_tp, double log_tq) {
   TikeTail t;
-  if (t_p > 0.0) {
-    const double log_ratio = log(t_p) - log_tq;
+  const double t_p = exp(log_tp);
+  if (t_p != 0.0) {
+    const double log_ratio = log_tp - log_tq;
     t.T = t_p * log_ratio;
     t.b = log_ratio + 1.0;
   }

@@ -17,7 +17,7 @@ struct TokenLogprobsForwardArgs {
   float temperature = 1.f;
   float* logp = nullptr;     // [N]
   float* entropy = nullptr;  // [N] or null (not requested)
-  float* lse = nullptr;      // [N]
+  float* lse = nullptr;      // [N, 2]: (max z, log Σ exp((z − max)/τ))
 };
 
 struct TokenLogprobsBackwardArgs {

@@ -1,5 +1,6 @@
 // CPU kernel of topk_indices: topk_kl's selection (topk_select_cpu.h) without the KL —
 // one pass over each row, tile by tile, most blocks skipped on their max alone.
+// Compiled once per instruction-set path (cpu_simd.h, TIKE_CPU_KERNEL).
 #include "topk_indices_cpu.h"
 
 #include <algorithm>
@@ -9,12 +10,13 @@
 #include "topk_select_cpu.h"
 
 namespace tike::cpu {
+namespace {
 
-TIKE_CPU_HOT void topk_indices_rows(const TopkIndicesArgs& a, int64_t row_begin,
-                                    int64_t row_end) {
+template <class S>
+TIKE_INLINE void rows(const TopkIndicesArgs& a, int64_t row_begin, int64_t row_end) {
   TopK topk(a.k);
-  std::vector<float> buf(kTile + kBlock);
-  float bmax[kTile / kBlock];
+  std::vector<float> buf(kTile);
+  TileMaxima tm;
   for (int64_t r = row_begin; r < row_end; ++r) {
     int32_t* out = a.idx + r * a.k;
     if (a.mask && !a.mask[r]) {  // masked rows are never read
@@ -26,13 +28,16 @@ TIKE_CPU_HOT void topk_indices_rows(const TopkIndicesArgs& a, int64_t row_begin,
     bool nan = false;  // NaN ranks as −inf: nothing else to do with it here
     for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
       const int n = int(std::min<int64_t>(kTile, a.V - j0));
-      const int npad = (n + kLanes - 1) / kLanes * kLanes;
-      const float* x = tile_src(row, a.dtype, j0, n, buf.data());
-      block_maxima(x, npad, bmax, nan);
-      offer_blocks(topk, x, n, j0, bmax);
+      const float* x = tile_src<S>(row, a.dtype, j0, n, buf.data());
+      tile_maxima<S>(x, S::padded(n), tm, nan);
+      offer_tile<S>(topk, x, n, j0, tm);
     }
     topk.write_sorted(out);
   }
 }
+
+}  // namespace
+
+TIKE_CPU_KERNEL(topk_indices_rows, TopkIndicesArgs, rows)
 
 }  // namespace tike::cpu

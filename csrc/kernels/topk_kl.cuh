@@ -32,7 +32,7 @@ struct TopkKlForwardPlan {
 
 namespace topk_detail {
 
-constexpr int kHdr = 8;  // floats per partial header: ref_p, s_p, ref_q, s_q, nan
+constexpr int kHdr = 8;  // floats per partial header: R_p, s_p, R_q, s_q, nan
 
 struct FwdParams {
   TopkKlForwardArgs a;
@@ -45,9 +45,10 @@ struct FwdParams {
   float* ws_hdr;
 };
 
-// Tail sums of one row (or segment): s_p = Σ 2^(z·c − ref_p) over v ∉ S~, s_q likewise.
+// Tail sums of one row (or segment): s_p = Σ 2^(z·c − E) over v ∉ S~ relative to
+// Ref::at(R_p, c) (common.cuh), s_q likewise for zr.
 struct TailSums {
-  float ref_p, s_p, ref_q, s_q;
+  float R_p, s_p, R_q, s_q;
   bool nan;
 };
 
@@ -58,7 +59,7 @@ __device__ __forceinline__ void write_masked_row(const TopkKlForwardArgs& a, int
     a.coef[n * K1 + s] = 0.f;
   }
   if (threadIdx.x == 0) {
-    a.out[n] = a.lse[n] = a.shift[n] = 0.f;
+    a.out[n] = a.lse[2 * n] = a.lse[2 * n + 1] = a.shift[n] = 0.f;
     a.stats[n * 3] = a.stats[n * 3 + 1] = a.stats[n * 3 + 2] = 0.f;
   }
 }
@@ -103,30 +104,35 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
     }
   };
 
-  // Head terms relative to the row maxima, in double.
-  float mp = ts.ref_p, mq = ts.ref_q;
+  // The row maxima (every tail element is below its reference, itself at most the head's
+  // k-th value), then the head terms relative to them, in double, from z − max: exact
+  // however large z/τ is (τ = 1e-30, |z| near the float limit).
+  float mp = ts.R_p, mq = ts.R_q;
   for (int s = tid; s < nent; s += kThreads) {
     float z, zr;
     int j;
     get(s, z, zr, j);
-    mp = fmaxf(mp, __fmul_rn(z, c));
-    mq = fmaxf(mq, __fmul_rn(zr, c));
+    mp = fmaxf(mp, z);
+    mq = fmaxf(mq, zr);
   }
   mp = block_max(mp, fs);
   mq = block_max(mq, fs);
-  const double dmp = double(mp), dmq = double(mq);
+  const double dmp = double(mp), dmq = double(mq), dc = double(c);
   double hp = 0.0, hq = 0.0;
   for (int s = tid; s < nent; s += kThreads) {
     float z, zr;
     int j;
     get(s, z, zr, j);
-    hp += z == -kInf ? 0.0 : exp2(double(__fmul_rn(z, c)) - dmp);
-    hq += zr == -kInf ? 0.0 : exp2(double(__fmul_rn(zr, c)) - dmq);
+    hp += z == -kInf ? 0.0 : exp2((double(z) - dmp) * dc);
+    hq += zr == -kInf ? 0.0 : exp2((double(zr) - dmq) * dc);
   }
   hp = block_sum(hp, ds);
   hq = block_sum(hq, ds);
-  const double tp_raw = ts.s_p != 0.f ? double(ts.s_p) * exp2(double(ts.ref_p) - dmp) : 0.0;
-  const double tq_raw = ts.s_q != 0.f ? double(ts.s_q) * exp2(double(ts.ref_q) - dmq) : 0.0;
+  // the tails, from their references E = R·c − r to the maxima
+  auto from_tail = [&](float sum, float R, double dm) {
+    return sum != 0.f ? double(sum) * exp2((double(R) - dm) * dc - double(Ref::at(R, c).r)) : 0.0;
+  };
+  const double tp_raw = from_tail(ts.s_p, ts.R_p, dmp), tq_raw = from_tail(ts.s_q, ts.R_q, dmq);
   double Sp = tp_raw + hp;
   const double Sq = tq_raw + hq;
   // A NaN anywhere in either row, a +inf logit (inf − inf) or a row without a finite
@@ -134,13 +140,11 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
   // (out, coef, shift, so the whole gradient row is NaN), as in the reference.
   bad = bad || !(Sp > 0.0) || !(Sq > 0.0) || Sp == kInfD || Sq == kInfD;
   if (bad) Sp = double(NAN);
-  const double lse_p = kLn2 * (dmp + log2(Sp));
-  // log p_v = ln2·((z_v·c − mp) − log2 Sp), with z_v·c rounded as in every sum above, so
-  // the difference keeps its digits however large z/τ is (τ = 1e-30, |z| near the float
-  // limit); z·(1/τ) − lse_p would cancel two huge numbers.
+  // log p_v = (z_v − M)/τ − ℓ (base 2 inside), never z·(1/τ) − lse_p (two huge numbers
+  // cancelling).
   const double l2sp = log2(Sp), l2sq = log2(Sq);
-  auto log_p = [&](float z) { return kLn2 * ((double(__fmul_rn(z, c)) - dmp) - l2sp); };
-  auto log_q = [&](float zr) { return kLn2 * ((double(__fmul_rn(zr, c)) - dmq) - l2sq); };
+  auto log_p = [&](float z) { return kLn2 * ((double(z) - dmp) * dc - l2sp); };
+  auto log_q = [&](float zr) { return kLn2 * ((double(zr) - dmq) * dc - l2sq); };
 
   double D = 0.0, C = 0.0, m_p = 0.0, m_q = 0.0;
   for (int s = tid; s < nent; s += kThreads) {
@@ -193,7 +197,10 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
   }
   if (tid == 0) {
     a.out[n] = bad ? NAN : float(r * (D + Tb));
-    a.lse[n] = float(lse_p);
+    // The saved pair (M, ℓ) of docs/kernels.md, lse_p = M/τ + ℓ: M = max z (as the CPU
+    // op's), ℓ = log Σ exp((z − M)/τ).
+    a.lse[2 * n] = mp;
+    a.lse[2 * n + 1] = float(kLn2 * l2sp);
     a.shift[n] = bad ? NAN : float(scale * (C - m_p * b));
     a.stats[n * 3] = float(m_p);
     a.stats[n * 3 + 1] = float(lp_o);
@@ -239,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3) fwd_kernel(c
     const uint64_t kk = make_key(load1(zrow + jk), jk);
     st.thr_key = kk - 1;  // members: key >= the k-th key
     st.thr_val = key_value(kk);
-    st.off = __fmul_rn(st.thr_val, c);
+    st.thr_ref = Ref::at(st.thr_val, c);
   } else {
     st.key = keys + warp * P.cap;
     st.val = vals + warp * P.cap;
@@ -253,10 +260,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3) fwd_kernel(c
   // ---- S known in advance: one reference for all lanes' p tails
   if (P.preselected) {
     const float sp = block_sum(st.sp, fs);
-    const float mq = block_max(st.q.m, fs);
-    const float sq = block_sum(st.q.scaled(mq), fs);
+    const float mq = block_max(st.q.ref.R, fs);
+    const float sq = block_sum(st.q.scaled(Ref::at(mq, c), c), fs);
     const bool nan = block_any(st.nan, fs);
-    const TailSums ts{st.off, sp, mq, sq, nan};
+    const TailSums ts{st.thr_val, sp, mq, sq, nan};
     const int32_t* idx = a.idx + n * K1;
     finalize_row<T>(
         P, n, zrow, qrow, ts,
@@ -276,21 +283,22 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3) fwd_kernel(c
     const uint64_t kk = keys[w * cap];
     if (kk != 0) mp = fmaxf(mp, key_value(kk));
   }
-  mp *= c;  // every element of the segment is <= the best of the warps' lists
-  float mq = st.q.m;
+  // every element of the segment is <= the best of the warps' lists
+  float mq = st.q.ref.R;
   for (int t = tid; t < kWarps * KP; t += kThreads) {
     const int w = t / KP, i = t % KP;
-    if (keys[w * cap + i] != 0) mq = fmaxf(mq, __fmul_rn(vals[w * cap + i], c));
+    if (keys[w * cap + i] != 0) mq = fmaxf(mq, vals[w * cap + i]);
   }
   mq = block_max(mq, fs);
-  float ep = st.sp != 0.f ? st.sp * ex2(st.off - mp) : 0.f;
-  float eq = st.q.scaled(mq);
+  const Ref rp = Ref::at(mp, c), rq = Ref::at(mq, c);
+  float ep = st.sp != 0.f ? st.sp * ref_factor(st.thr_ref, rp, c) : 0.f;
+  float eq = st.q.scaled(rq, c);
   const int excl = st.excl;
   auto evict = [&](uint64_t kk, float zrv) {
     if (key_index(kk) == excl) return;
     const float zv = key_value(kk);
-    ep += zv == -kInf ? 0.f : ex2(scaled_minus(zv, c, mp));
-    eq += zrv == -kInf ? 0.f : ex2(scaled_minus(zrv, c, mq));
+    ep += zv == -kInf ? 0.f : ex2(rp.exponent(zv, c));
+    eq += zrv == -kInf ? 0.f : ex2(rq.exponent(zrv, c));
   };
   block_merge_groups(keys, vals, cap, kWarps, KP, evict);
   for (int i = k + tid; i < KP; i += kThreads) {
@@ -320,9 +328,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3) fwd_kernel(c
   }
   if (tid == 0) {
     float* h = P.ws_hdr + slot * kHdr;
-    h[0] = ts.ref_p;
+    h[0] = ts.R_p;
     h[1] = ts.s_p;
-    h[2] = ts.ref_q;
+    h[2] = ts.R_q;
     h[3] = ts.s_q;
     h[4] = ts.nan ? 1.f : 0.f;
   }
@@ -365,12 +373,13 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const FwdParams P) {
     if (t >= 0 && t < a.V) excl = int(t);
   }
   const float c = P.c;
+  const Ref rp = Ref::at(mp, c), rq = Ref::at(mq, c);
   float ep = 0.f, eq = 0.f;
   auto evict = [&](uint64_t kk, float zrv) {
     if (key_index(kk) == excl) return;
     const float zv = key_value(kk);
-    ep += zv == -kInf ? 0.f : ex2(scaled_minus(zv, c, mp));
-    eq += zrv == -kInf ? 0.f : ex2(scaled_minus(zrv, c, mq));
+    ep += zv == -kInf ? 0.f : ex2(rp.exponent(zv, c));
+    eq += zrv == -kInf ? 0.f : ex2(rq.exponent(zrv, c));
   };
   block_merge_groups(keys, vals, KP, G, KP, evict);
   for (int i = k + tid; i < KP; i += kThreads) {
@@ -380,8 +389,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const FwdParams P) {
   float sp = block_sum(ep, fs), sq = block_sum(eq, fs);
   for (int s = 0; s < S; ++s) {  // same order in every thread
     const float* h = hdr + s * kHdr;
-    sp += h[1] != 0.f ? h[1] * ex2(h[0] - mp) : 0.f;
-    sq += h[3] != 0.f ? h[3] * ex2(h[2] - mq) : 0.f;
+    sp += h[1] != 0.f ? h[1] * ref_factor(Ref::at(h[0], c), rp, c) : 0.f;
+    sq += h[3] != 0.f ? h[3] * ref_factor(Ref::at(h[2], c), rq, c) : 0.f;
   }
   const TailSums ts{mp, sp, mq, sq, nan};
   finalize_row<T>(
@@ -420,7 +429,10 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
     return;
   }
   const float g = a.grad_out[n], sh = a.shift[n];
-  const float lse2 = a.lse[n] * kLog2e, c = P.c, dense = -g * sh;
+  // p_j = 2^(y_j)·K from the saved pair (PairExp: one FFMA and one EX2 per element where
+  // ordinary); K goes into the dense factor.
+  const PairExp pe = PairExp::of(a.lse + 2 * n, P.c);
+  const float dense = -g * sh * pe.K;
   float* patch = P.patch_smem ? patch_smem : P.ws_patch + n * K1;
   const int32_t* idx = a.idx + n * K1;
   const float* coef = a.coef + n * K1;
@@ -429,7 +441,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
   for (int s = tid; s < K1; s += kThreads) {
     const int j = idx[s];
     if (j >= b && j < e) {
-      const float p = ex2(__fmaf_rn(load1(zrow + j), c, -lse2));
+      const float p = pe.p(load1(zrow + j));
       // p != 0, not p > 0: a NaN row's S~ entries stay NaN like its dense part (CPU)
       patch[s] = p != 0.f ? g * p * (coef[s] - sh) : 0.f;
     }
@@ -439,8 +451,10 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams P) {
   constexpr int N = Vec<T>::N;
   map_segment<T, false, 4>(zrow, zrow, grow, b, e,
                            [&](const float (&z)[N], const float (&)[N], int, float (&o)[N]) {
+                             float y[N];
+                             pe.ys(z, y);
 #pragma unroll
-                             for (int i = 0; i < N; ++i) o[i] = ex2(__fmaf_rn(z[i], c, -lse2)) * dense;
+                             for (int i = 0; i < N; ++i) o[i] = ex2(y[i]) * dense;
                            });
   __syncthreads();  // the patches below must land after the dense writes
   // 3. the S~ entries

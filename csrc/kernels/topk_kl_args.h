@@ -24,7 +24,7 @@ struct TopkKlForwardArgs {
   bool tail_bucket = false;
   // outputs
   float* out = nullptr;     // [N]
-  float* lse = nullptr;     // [N]
+  float* lse = nullptr;     // [N, 2]: (max z, log Σ exp((z − max)/τ)), see LsePair
   int32_t* idx = nullptr;   // [N, K1]
   float* coef = nullptr;    // [N, K1]
   float* shift = nullptr;   // [N]
@@ -37,7 +37,7 @@ struct TopkKlBackwardArgs {
   RowLayout logits_layout;
   DType dtype = DType::Float32;
   int64_t N = 0, V = 0, K1 = 0;
-  const float* lse = nullptr;
+  const float* lse = nullptr;      // [N, 2], as the forward wrote it
   const int32_t* idx = nullptr;
   const float* coef = nullptr;
   const float* shift = nullptr;

@@ -15,9 +15,10 @@
 // and raises the threshold. At the end the warps' lists are merged pairwise through
 // shared memory (max of one list against the other reversed, then a bitonic merge).
 //
-// Tail sums ride along too. The terms 2^(z·c − off) of the elements that are not
+// Tail sums ride along too. The terms 2^(z·c − E) of the elements that are not
 // candidates (and of candidates as they are evicted) are summed directly, relative to the
-// warp's threshold value (every such element is below it, so no term exceeds 1). The
+// warp's threshold value (a common.cuh Ref at it: every such element is below it, so no
+// term exceeds 2^(1/2)). The
 // head's own terms are added at the end, so Σ_{v∉S~} p_v is a sum of positive terms, never
 // 1 − Σ_{S~} p_v (no cancellation when the tail is tiny). The reference row's terms follow
 // the same partition. The sampled token `excl` (when it joins S~) is kept out of both.
@@ -121,17 +122,17 @@ struct TopkStreamT {
   int cap = 0, k = 0, count = 0;
   uint64_t thr_key = 0;  // elements with key <= thr_key are not (or no longer) candidates
   float thr_val = -kInf;  // value of thr_key (float compare first, key compare on ties)
-  float off = -kInf;      // thr_val·c: reference of sp
+  Ref thr_ref;            // reference of sp: the threshold's value
   float c = 0.f;          // log2(e)/τ
   int excl = -1;          // sampled token united into S~: kept out of the tail sums
   bool fixed = false;
   // lane state
-  float sp = 0.f;  // Σ 2^(z·c − off) over this lane's tail elements
-  LazyLse q;       // Σ 2^(zr·c − q.m) over the same elements
+  float sp = 0.f;  // Σ 2^(z·c − E) over this lane's tail elements, relative to thr_ref
+  LazyLse q;       // Σ 2^(zr·c − E_q) over the same elements
   bool nan = false;
 
   __device__ __forceinline__ float tail_term(float z) const {
-    return z == -kInf ? 0.f : ex2(scaled_minus(z, c, off));
+    return z == -kInf ? 0.f : ex2(thr_ref.exponent(z, c));
   }
 
   // An element leaves (or never enters) the candidates: its terms go to the tails.
@@ -151,11 +152,14 @@ struct TopkStreamT {
     warp_sort_desc(key, val, cap, lane);
     if (count >= k) {
       const uint64_t nk = key[k - 1];
-      const float nv = key_value(nk), noff = __fmul_rn(nv, c);
-      if (kTails && sp != 0.f) sp *= ex2(off - noff);  // the reference only rises
+      const float nv = key_value(nk);
+      if constexpr (kTails) {
+        const Ref nref = Ref::at(nv, c);
+        if (sp != 0.f) sp *= ref_factor(thr_ref, nref, c);  // the reference only rises
+        thr_ref = nref;
+      }
       thr_key = nk;
       thr_val = nv;
-      off = noff;
       for (int i = k + lane; i < count; i += 32) {
         const uint64_t kk = key[i];
         to_tail(key_value(kk), val[i], key_index(kk));
@@ -200,9 +204,11 @@ struct TopkStreamT {
     // Common case: nothing here can enter the top-k.
     if constexpr (kTails) {
       float t = 0.f;
-      if (off > -kInf) {
+      if (thr_ref.R > -kInf) {
+        float y[NE];
+        thr_ref.exponents(z, c, y);
 #pragma unroll
-        for (int i = 0; i < NE; ++i) t += ex2(scaled_minus(z[i], c, off));
+        for (int i = 0; i < NE; ++i) t += ex2(y[i]);
       } else {  // below a −inf threshold: −inf terms (0) or NaN
 #pragma unroll
         for (int i = 0; i < NE; ++i) t += tail_term(z[i]);

@@ -23,13 +23,25 @@ from . import distributed  # vocabulary-parallel ops (tike_cuda.distributed.voca
 
 __version__ = "0.1.0"
 __all__ = ["topk_kl", "full_kl", "token_logprobs", "kl_penalty", "per_token_kl", "TopkStats",
-           "grpo", "built_with_cuda", "topk_indices", "sparse_reference", "SparseReference",
-           "distributed"]
+           "grpo", "built_with_cuda", "cpu_isa", "cpu_isas", "topk_indices", "sparse_reference",
+           "SparseReference", "distributed"]
 
 
 def built_with_cuda() -> bool:
     """Whether this build carries the CUDA kernels (decided by nvcc at build time)."""
     return bool(_C.WITH_CUDA)
+
+
+def cpu_isa() -> str:
+    """The instruction-set path the CPU kernels run: "avx512", "avx2", or the baseline
+    ("sse2" on x86-64, "neon" on aarch64). Chosen at import: the best this CPU runs, or the
+    one named by the environment variable ``TIKE_CPU_ISA`` (avx512, avx2, sse2, auto)."""
+    return _C.CPU_ISA
+
+
+def cpu_isas() -> tuple:
+    """Every CPU path this machine can run, best first (what ``TIKE_CPU_ISA`` may name)."""
+    return tuple(s.strip() for s in _C.CPU_ISAS.split(",") if s.strip())
 
 
 def _check_cuda_match() -> None:

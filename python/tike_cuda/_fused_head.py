@@ -103,7 +103,8 @@ def _chunk_forward(cfg: _Settings, r: _Rows, bt: _Batch, s: int, e: int):
     zr = None if sref is not None else r.logits(s, e, ref=True)
     if est == "full":
         kl, lse_p, lse_q = ops.full_kl(z, zr, None, tau)
-        lp = z.gather(1, tok[:, None])[:, 0].float() * (1.0 / tau) - lse_p
+        # lse_p is [N, 2] = (max z, log Σ exp((z − max)/τ)) (docs/kernels.md)
+        lp = (z.gather(1, tok[:, None])[:, 0].float() - lse_p[:, 0]) * (1.0 / tau) - lse_p[:, 1]
         saved = (kl, lse_p, lse_q)
     else:  # one pass gives the KL and log p(o) (the kernel's stats[:, 1])
         old = None if bt.old is None else bt.old[s:e]
@@ -145,9 +146,9 @@ def _chunk_grad_logits(cfg: _Settings, z: Tensor, zr: Optional[Tensor], tok: Ten
         lse, idx = saved[0], tok[:, None].to(torch.int32)
         coef, shift = z.new_zeros((c, 1), dtype=torch.float32), g_lp * inv
     rows = torch.arange(c, device=z.device)
-    p_o = torch.exp(z[rows, tok].float() * inv - lse)
+    p_o = torch.exp((z[rows, tok].float() - lse[:, 0]) * inv - lse[:, 1])  # lse: (max, log-sum)
     coef_o = (coef * (idx == tok[:, None].to(torch.int32))).sum(1)
-    ops.topk_kl_backward_(torch.ones_like(lse), z, lse, idx, coef, shift, None, tau)
+    ops.topk_kl_backward_(torch.ones_like(shift), z, lse, idx, coef, shift, None, tau)
     z[rows, tok] = (p_o * (coef_o - shift) + g_lp * inv).to(z.dtype)
     return z
 

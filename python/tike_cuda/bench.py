@@ -62,7 +62,7 @@ PASSES = {("topk_kl", "fwd"): 2, ("topk_kl", "fwdbwd"): 4,
           ("sparse_reference", "fwd"): 1, ("topk_indices", "fwd"): 1}
 COLUMNS = ["op", "provider", "mode", "N", "V", "k", "dtype", "device", "p50_ms", "p20_ms",
            "p80_ms", "GBps", "floor_frac", "peak_extra_MiB", "date", "torch", "cuda", "gpu",
-           "copy_GBps", "host"]
+           "copy_GBps", "host", "cpu_isa"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 # Rough [N, V]-sized temporaries of a fwd+bwd beyond the two inputs, to skip cases that
@@ -308,7 +308,16 @@ def environment(device: torch.device) -> Dict[str, str]:
     return {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "cuda": torch.version.cuda or "",
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
-            "host": f"{cpu} ({torch.get_num_threads()} threads)"}
+            "host": f"{cpu} ({torch.get_num_threads()} threads)", "cpu_isa": _cpu_isa()}
+
+
+def _cpu_isa() -> str:
+    """The CPU kernels' instruction-set path (set TIKE_CPU_ISA before the run to force one)."""
+    try:
+        import tike_cuda
+        return tike_cuda.cpu_isa()
+    except (ImportError, AttributeError):
+        return ""
 
 
 # ----------------------------------------------------------------------------- driver
@@ -485,6 +494,7 @@ def main(argv=None) -> int:
         print(summary)
     if rows:
         print(f"\ncopy bandwidth {rows[0]['copy_GBps']:.1f} GB/s; {rows[0]['host']}; "
+              f"tike_cuda CPU path {rows[0]['cpu_isa'] or '?'}; "
               f"torch {rows[0]['torch']}")
     for n in notes:
         print("note:", n)

@@ -189,6 +189,10 @@ def run(*, rows: int = 256, vocab: int = 151_936, k: int = 16, seed: int = 0,
     d = synthetic_batch(rows, vocab, seed=seed, dtype=DTYPES[dtype], device=device)
     z, zr, tok, old = d["logits"], d["ref_logits"], d["tokens"], d["old_logprobs"]
     threads = "" if device.startswith("cuda") else f", {torch.get_num_threads()} threads"
+    if not device.startswith("cuda"):
+        import tike_cuda
+        threads += (f", CPU path {tike_cuda.cpu_isa()} (TIKE_CPU_ISA; this CPU runs "
+                    f"{'/'.join(tike_cuda.cpu_isas())})")
     print(f"tike_cuda demo: {rows} token positions x V = {vocab:,} "
           f"({dtype}), k = {k}, on {device}{threads}")
     print(f"  synthetic LM-like logits (tike_cuda.synthetic, seed {seed}): Zipfian rows of "

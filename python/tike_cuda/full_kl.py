@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _autograd, _checks
-from ._autograd import LOGITS, ROWS
+from ._autograd import LOGITS, ROWS, ROWS_K
 
 __all__ = ["full_kl"]
 
@@ -51,7 +51,9 @@ def _grad_formula(g: Tensor, logits: Tensor, ref_logits: Tensor, mask: Optional[
 def _full_kl_fake(logits, ref_logits, mask, temperature):
     torch._check(ref_logits.shape == logits.shape)
     N = logits.numel() // logits.shape[-1]
-    return tuple(logits.new_empty(N, dtype=torch.float32) for _ in range(3))
+    f = dict(dtype=torch.float32)
+    # out [N]; lse_p, lse_q [N, 2] = (max, log Σ exp((x − max)/τ)) per row
+    return logits.new_empty(N, **f), logits.new_empty(N, 2, **f), logits.new_empty(N, 2, **f)
 
 
 @torch.library.register_fake("tike_cuda::full_kl_backward")
@@ -89,7 +91,8 @@ def _jvp(ctx, t_logits, *_unused):
 torch.library.register_autograd("tike_cuda::full_kl", _backward, setup_context=_setup_context)
 _FullKl = _autograd.op_function("_FullKl", _op.full_kl, _setup_context, _backward, _jvp,
                                 differentiable=(0,))
-_autograd.register_row_vmap("tike_cuda::full_kl", (LOGITS, LOGITS, ROWS, None), (ROWS,) * 3)
+_autograd.register_row_vmap("tike_cuda::full_kl", (LOGITS, LOGITS, ROWS, None),
+                            (ROWS, ROWS_K, ROWS_K))  # lse_p, lse_q: [N, 2]
 _autograd.register_row_vmap("tike_cuda::full_kl_backward",
-                            (ROWS, LOGITS, LOGITS, ROWS, ROWS, ROWS, ROWS, None), (LOGITS,))
+                            (ROWS, LOGITS, LOGITS, ROWS, ROWS_K, ROWS_K, ROWS, None), (LOGITS,))
 _autograd.register_not_differentiable("tike_cuda::full_kl_backward")

@@ -313,7 +313,8 @@ def _topk_kl_sparse_fake(logits, idx, ref_logprobs, ref_tail_logmass, sampled_to
     N, K1 = idx.shape
     torch._check(N == logits.numel() // logits.shape[-1])
     f32 = dict(dtype=torch.float32)
-    return (logits.new_empty(N, **f32), logits.new_empty(N, **f32),
+    # out [N], lse [N, 2] = (M, ℓ) per row as topk_kl's, coef [N, K1], shift [N], stats [N, 3]
+    return (logits.new_empty(N, **f32), logits.new_empty(N, 2, **f32),
             logits.new_empty(N, K1, **f32), logits.new_empty(N, **f32),
             logits.new_empty(N, 3, **f32))
 
@@ -340,7 +341,7 @@ def _backward(ctx, *grads):
 
 def _jvp(ctx, t_logits, *_unused):
     logits, lse, idx, coef, shift, mask, _, _ = ctx.saved_tensors
-    rows = torch.ops.tike_cuda.topk_kl_backward(torch.ones_like(lse), logits, lse, idx, coef,
+    rows = torch.ops.tike_cuda.topk_kl_backward(torch.ones_like(shift), logits, lse, idx, coef,
                                                 shift, mask, ctx.temperature)
     return (_autograd.jvp_of_rows(rows, t_logits),) + (None,) * 4
 
@@ -352,7 +353,7 @@ _TopkKlSparse = _autograd.op_function("_TopkKlSparse", torch.ops.tike_cuda.topk_
                                       _setup_context, _backward, _jvp, differentiable=(0,))
 _autograd.register_row_vmap("tike_cuda::topk_kl_sparse",
                             (LOGITS, ROWS_K, ROWS_K, ROWS, ROWS, ROWS, ROWS, None, None),
-                            (ROWS, ROWS, ROWS_K, ROWS, ROWS_K))
+                            (ROWS, ROWS_K, ROWS_K, ROWS, ROWS_K))  # lse: [N, 2]
 _autograd.register_row_vmap("tike_cuda::sparse_reference", (LOGITS, ROWS_K, ROWS, ROWS, None),
                             (ROWS_K, ROWS_K, ROWS))
 _autograd.register_row_vmap("tike_cuda::topk_indices", (LOGITS, None, ROWS), (ROWS_K,))

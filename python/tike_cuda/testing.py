@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["load_emulated", "emulated_cuda", "set_thread_order", "counters", "warp_op_sites",
            "reset_counters", "ORDERS"]
@@ -165,30 +164,58 @@ def reset_counters() -> None:
     torch.ops.tike_emu.reset_counters()
 
 
-class emulated_cuda(TorchDispatchMode):
-    """Within this context, every ``torch.ops.tike_cuda.*`` call runs the emulated CUDA
-    kernels instead of the CPU kernels (on CPU tensors), below autograd: the public API,
-    its autograd formulas and the in-place backward go through unchanged.
+class emulated_cuda:
+    """Within this context, every ``torch.ops.tike_cuda.*`` call on CPU tensors runs the
+    emulated CUDA kernels (and the CUDA glue) instead of the CPU kernels: the public API,
+    its autograd formulas, the in-place backward, ``torch.compile`` and ``opcheck`` go
+    through unchanged.
 
-    ``order``/``seed``: the thread order (see :func:`set_thread_order`), restored on exit.
+    How: the emulated ops are registered as the CPU kernels of ``tike_cuda::*`` for the
+    duration (a ``torch.library.Library`` whose registrations are removed on exit, which
+    brings the CPU kernels back). The switch is process-wide, not per thread; contexts
+    nest. ``order``/``seed``: the thread order (see :func:`set_thread_order`), restored to
+    forward on exit.
     """
 
+    _active = []  # the entered contexts, innermost last
+
     def __init__(self, order: str = "forward", seed: int = 0):
-        super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.order, self.seed = order, int(seed)
+        self._lib = None
 
     def __enter__(self):
         load_emulated()
+        if not emulated_cuda._active:
+            self._lib = _override_cpu_kernels()
+        emulated_cuda._active.append(self)
         torch.ops.tike_emu.set_schedule(self.order, self.seed)
-        return super().__enter__()
+        return self
 
     def __exit__(self, *exc):
-        torch.ops.tike_emu.set_schedule("forward", 0)
-        return super().__exit__(*exc)
+        emulated_cuda._active.remove(self)
+        if self._lib is not None:
+            self._lib._destroy()
+            self._lib = None
+        outer = emulated_cuda._active[-1] if emulated_cuda._active else None
+        torch.ops.tike_emu.set_schedule(outer.order if outer else "forward",
+                                        outer.seed if outer else 0)
+        return False
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "tike_cuda":
-            func = getattr(getattr(torch.ops.tike_cuda_emu, func._opname), func._overloadname)
-        return func(*args, **(kwargs or {}))
+
+def _override_cpu_kernels():
+    """Registers every torch.ops.tike_cuda_emu op as the CPU kernel of its tike_cuda op."""
+    import warnings
+    lib = torch.library.Library("tike_cuda", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid")  # the point of it
+        for qualname in torch._C._dispatch_get_all_op_names():
+            ns, _, name = qualname.partition("::")
+            if ns != "tike_cuda_emu":
+                continue
+            name, _, overload = name.partition(".")
+            emu_op = getattr(getattr(torch.ops.tike_cuda_emu, name), overload or "default")
+            lib.impl(name + ("." + overload if overload else ""),
+                     lambda *a, _op=emu_op, **kw: _op(*a, **kw), "CPU")
+    return lib

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _autograd, _checks
-from ._autograd import LOGITS, ROWS
+from ._autograd import LOGITS, ROWS, ROWS_K
 
 __all__ = ["token_logprobs"]
 
@@ -69,7 +69,7 @@ def _token_logprobs_fake(logits, tokens, temperature, with_entropy):
     N = logits.numel() // logits.shape[-1]
     f = dict(dtype=torch.float32)
     return (logits.new_empty(N, **f), logits.new_empty(N if with_entropy else 0, **f),
-            logits.new_empty(N, **f))
+            logits.new_empty(N, 2, **f))  # lse: (max z, log Σ exp((z − max)/τ)) per row
 
 
 @torch.library.register_fake("tike_cuda::token_logprobs_backward")
@@ -101,13 +101,13 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
 
 def _jvp(ctx, t_logits, *_unused):
     logits, tokens, lse, entropy = ctx.saved_tensors
-    ones = torch.ones_like(lse)
+    ones = torch.ones_like(lse[:, 0])  # one per row (lse is [N, 2]: max, log-sum)
     rows = _op.token_logprobs_backward(ones, None, logits, tokens, lse, entropy,
                                        ctx.temperature)
     t_logp = _autograd.jvp_of_rows(rows, t_logits)
     t_entropy = None
     if ctx.with_entropy and t_logits is not None:
-        rows = _op.token_logprobs_backward(torch.zeros_like(lse), ones, logits, tokens, lse,
+        rows = _op.token_logprobs_backward(torch.zeros_like(ones), ones, logits, tokens, lse,
                                            entropy, ctx.temperature)
         t_entropy = _autograd.jvp_of_rows(rows, t_logits)
     elif t_logits is not None:
@@ -121,7 +121,7 @@ torch.library.register_autograd("tike_cuda::token_logprobs", _backward,
 _TokenLogprobs = _autograd.op_function("_TokenLogprobs", _op.token_logprobs, _setup_context,
                                        _backward, _jvp, differentiable=(0, 1))
 _autograd.register_row_vmap("tike_cuda::token_logprobs", (LOGITS, ROWS, None, None),
-                            (ROWS,) * 3)
+                            (ROWS, ROWS, ROWS_K))  # lse: [N, 2]
 _autograd.register_row_vmap("tike_cuda::token_logprobs_backward",
-                            (ROWS, ROWS, LOGITS, ROWS, ROWS, ROWS, None), (LOGITS,))
+                            (ROWS, ROWS, LOGITS, ROWS, ROWS_K, ROWS, None), (LOGITS,))
 _autograd.register_not_differentiable("tike_cuda::token_logprobs_backward")

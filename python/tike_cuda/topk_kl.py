@@ -144,7 +144,7 @@ def _topk_kl_fake(logits, ref_logits, k, sampled_tokens, old_logprobs, mask, tem
     N = _n_rows(logits)
     K1 = k + (1 if sampled_tokens is not None and union_sampled else 0)
     f = dict(dtype=torch.float32, device=logits.device)
-    return (logits.new_empty(N, **f), logits.new_empty(N, **f),
+    return (logits.new_empty(N, **f), logits.new_empty(N, 2, **f),
             logits.new_empty(N, K1, dtype=torch.int32, device=logits.device),
             logits.new_empty(N, K1, **f), logits.new_empty(N, **f), logits.new_empty(N, 3, **f))
 
@@ -179,7 +179,7 @@ def _backward(ctx, grad_out, *_unused):
 
 def _jvp(ctx, t_logits, *_unused):
     logits, lse, idx, coef, shift, mask, _, _ = ctx.saved_tensors
-    rows = _op.topk_kl_backward(torch.ones_like(lse), logits, lse, idx, coef, shift, mask,
+    rows = _op.topk_kl_backward(torch.ones_like(shift), logits, lse, idx, coef, shift, mask,
                                 ctx.temperature)
     return (_autograd.jvp_of_rows(rows, t_logits),) + (None,) * 5
 
@@ -190,7 +190,7 @@ _TopkKl = _autograd.op_function("_TopkKl", _op.topk_kl, _setup_context, _backwar
                                 differentiable=(0,))
 _autograd.register_row_vmap("tike_cuda::topk_kl",
                             (LOGITS, LOGITS, None, ROWS, ROWS, ROWS, None, None, None),
-                            (ROWS, ROWS, ROWS_K, ROWS_K, ROWS, ROWS_K))
+                            (ROWS, ROWS_K, ROWS_K, ROWS_K, ROWS, ROWS_K))  # lse: [N, 2]
 _autograd.register_row_vmap("tike_cuda::topk_kl_backward",
-                            (ROWS, LOGITS, ROWS, ROWS_K, ROWS_K, ROWS, ROWS, None), (LOGITS,))
+                            (ROWS, LOGITS, ROWS_K, ROWS_K, ROWS_K, ROWS, ROWS, None), (LOGITS,))
 _autograd.register_not_differentiable("tike_cuda::topk_kl_backward")
