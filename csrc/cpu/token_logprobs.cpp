@@ -29,7 +29,9 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logp,
                                        double temperature) {
   const auto c = prepare_token_logprobs_backward(grad_logp, grad_entropy, logits, tokens, lse,
                                                  entropy, temperature);
-  check_token_range(c.tokens, c.args.V, "tokens");
+  // A token of −1 adds no one-hot term: a vocabulary shard that does not hold the row's
+  // token (tike_cuda.distributed); the CUDA kernel skips such a token the same way.
+  check_token_range(c.tokens, c.args.V, "tokens", c.tokens.ne(-1));
   at::parallel_for(0, c.args.N, cpu_grain_rows(c.args.V), [&](int64_t b, int64_t e) {
     cpu::token_logprobs_backward_rows(c.args, b, e);
   });

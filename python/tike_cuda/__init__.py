@@ -19,11 +19,12 @@ from .sparse import SparseReference, sparse_reference, topk_indices
 from .token_logprobs import token_logprobs
 from .topk_kl import topk_kl
 from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss
+from . import distributed  # vocabulary-parallel ops (tike_cuda.distributed.vocab_parallel_*)
 
 __version__ = "0.1.0"
 __all__ = ["topk_kl", "full_kl", "token_logprobs", "kl_penalty", "per_token_kl", "TopkStats",
            "grpo", "built_with_cuda", "cpu_isa", "cpu_isas", "topk_indices", "sparse_reference",
-           "SparseReference"]
+           "SparseReference", "distributed"]
 
 
 def built_with_cuda() -> bool:

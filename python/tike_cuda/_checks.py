@@ -117,21 +117,41 @@ def mask(x, ref: Tensor, name: str = "mask") -> Optional[Tensor]:
     return x
 
 
-def tokens(x, ref: Tensor, name: str, mask: Optional[Tensor] = None) -> Optional[Tensor]:
+def tokens(x, ref: Tensor, name: str, mask: Optional[Tensor] = None,
+           vocab: Optional[int] = None) -> Optional[Tensor]:
     """Token ids in [0, V) at the rows `mask` keeps (a bool mask from :func:`mask`); the ids
-    of masked rows (padding such as -100) are never read, so they are not checked."""
+    of masked rows (padding such as -100) are never read, so they are not checked.
+    ``vocab``: V when it is not ``ref``'s last dim (a vocabulary shard's global V)."""
     x = per_token(x, ref, name, "int")
     # Range check where it is free (see data_checks_possible): on a GPU it would be a hidden
     # host sync per call, and the CUDA kernels give NaN for a row whose token is out of range.
     if x is not None and x.numel() and data_checks_possible(x, mask):
         live = x if mask is None else x[mask]
         if live.numel():
-            V = ref.shape[-1]
+            V = ref.shape[-1] if vocab is None else vocab
             lo, hi = int(live.min()), int(live.max())
             if lo < 0 or hi >= V:
                 where = "" if mask is None else " at unmasked positions"
                 raise ValueError(f"{name} must be in [0, V={V}){where}, got values in [{lo}, {hi}]")
     return x
+
+
+def topk_options(logits: Tensor, row_mask, sampled, old, tau, union_sampled, tail,
+                 return_stats, vocab: Optional[int] = None):
+    """The per-token arguments and options of topk_kl-like ops (``mask``, ``sampled_tokens``,
+    ``old_logprobs``, ``temperature``, ``union_sampled``, ``tail``, ``return_stats``),
+    checked: returns (mask as bool, sampled_tokens, old_logprobs, temperature).
+    ``vocab``: see :func:`tokens`."""
+    row_mask = mask(row_mask, logits)
+    sampled = tokens(sampled, logits, "sampled_tokens", row_mask, vocab)
+    old = per_token(old, logits, "old_logprobs", "float")
+    if old is not None and sampled is None:
+        raise ValueError("old_logprobs needs sampled_tokens (the IS weight is taken at the sampled token)")
+    tau = temperature(tau)
+    flag(union_sampled, "union_sampled")
+    choice(tail, "tail", ("none", "bucket"))
+    flag(return_stats, "return_stats")
+    return row_mask, sampled, old, tau
 
 
 def _require(cond, message: str) -> None:
