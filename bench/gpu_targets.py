@@ -8,7 +8,9 @@ against eager PyTorch (tike_cuda.eager) and torch.compile of it. CUDA events aro
 call, L2 flushed before each, median of the repeats; achieved GB/s over the byte floor
 (passes over one N×V bf16 array: fwd 2, fwd+bwd 4, full_kl 5, token_logprobs 3) and its
 fraction of the copy bandwidth measured in the same run; peak extra memory from
-torch.cuda.max_memory_allocated. The table is printed last.
+torch.cuda.max_memory_allocated. With the sparse reference: topk_indices against
+torch.topk, sparse_reference, topk_kl on the stored S~ forward + backward (3 passes). The
+table is printed last.
 """
 import argparse
 import csv
@@ -68,7 +70,6 @@ def peak_extra_gib(fn, prep=None):
     if prep:
         prep()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     out = fn()
     torch.cuda.synchronize()
@@ -92,6 +93,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--baseline-repeats", type=int, default=3)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--no-sparse", action="store_true")
     p.add_argument("--out", default="targets.csv")
     a = p.parse_args(argv)
     N, V, dtype = a.N, a.V, torch.bfloat16
@@ -141,6 +143,28 @@ def main(argv=None):
         return torch.autograd.grad(out, leaf, gout)[0]
     record("tike token_logprobs fwd+bwd", 0, timer.median_ms(tok_fb, a.repeats), 3,
            peak_extra_gib(tok_fb))
+
+    if not a.no_sparse:
+        # The sparse reference (docs/sparse_reference.md): the old policy's top-k at rollout
+        # (against torch.topk), the reference on S~ (one pass over ref_logits), then TIKE on
+        # the stored S~ at update time (one pass over logits forward, one backward).
+        k = 16
+        record("tike topk_indices", k, timer.median_ms(lambda: OPS.topk_indices(z, k, None),
+                                                         a.repeats), 1, 0.0)
+        record("torch.topk (indices)", k, timer.median_ms(lambda: torch.topk(z, k, -1),
+                                                           a.repeats), 1, 0.0)
+        support = OPS.topk_indices(z, k, None)
+        record("tike sparse_reference", k,
+               timer.median_ms(lambda: OPS.sparse_reference(zr, support, tok, None, 1.0),
+                               a.repeats), 1, 0.0)
+        sref = tike_cuda.sparse_reference(zr, support, sampled_tokens=tok)
+
+        def sparse_fb():
+            out = tike_cuda.topk_kl(leaf, sref, sampled_tokens=tok, old_logprobs=old)
+            return torch.autograd.grad(out, leaf, gout)[0]
+        record("tike topk_kl(sparse ref) fwd+bwd", k, timer.median_ms(sparse_fb, a.repeats), 3,
+               peak_extra_gib(sparse_fb))
+        del support, sref
 
     if not a.no_baselines:
         k = 16

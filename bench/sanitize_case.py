@@ -4,7 +4,8 @@
 
 Paths: one CTA per row and split rows (few rows of a long vocabulary), odd V (misaligned
 rows), a strided [B, T, V] view, k above the register selection (sorted path), the
-in-place backward, masks, fp32 and bf16. Sizes are tiny: the tools slow kernels down a lot.
+in-place backward, masks, fp32 and bf16; the fixed-support ops (topk_indices,
+sparse_reference, topk_kl_sparse and its backward). Sizes are tiny: the tools slow kernels down a lot.
 """
 import torch
 
@@ -32,6 +33,11 @@ def run(N, V, k, dtype, strided=False):
     OPS.full_kl_backward(go, z, zr, fo, lp, lq, mask, 0.8)
     logp, ent, lse_t = OPS.token_logprobs(z, tok, 0.8, True)
     OPS.token_logprobs_backward(go, go, z, tok, lse_t, ent, 0.8)
+    # The sparse reference: the support from the policy, the reference on S~, TIKE on it.
+    support = OPS.topk_indices(z, min(k, V), mask)
+    sidx, slp, stail = OPS.sparse_reference(zr, support, tok, mask, 0.8)
+    so, slse, scoef, sshift, _ = OPS.topk_kl_sparse(z, sidx, slp, stail, tok, old, mask, 0.8, True)
+    OPS.topk_kl_backward(go, z, slse, sidx, scoef, sshift, mask, 0.8)
     torch.cuda.synchronize()
 
 
