@@ -10,28 +10,29 @@ from pathlib import Path
 import pytest
 import torch
 
-import tike_cuda
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
 
 def _inductor_cache_of_this_build():
     """torch.compile's (inductor) on-disk cache, keyed by this build of the extension and
-    the package's Python sources (the fake kernels): a cache written against another
-    build — other saved-tensor shapes — is never reused. A TORCHINDUCTOR_CACHE_DIR set by
-    the caller wins."""
+    the package's Python sources (the fake kernels): its graph cache does not key on a
+    custom op's fake kernel, so an entry written against another build — other saved-tensor
+    shapes — would be reused and fail. A TORCHINDUCTOR_CACHE_DIR set by the caller wins.
+    It runs before tike_cuda is imported: importing torch._dynamo fixes the default."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return
-    pkg = Path(tike_cuda.__file__).resolve().parent
+    pkg = Path(importlib.util.find_spec("tike_cuda").origin).resolve().parent
     h = hashlib.sha256(torch.__version__.encode())
-    for f in sorted(pkg.glob("*.py")) + sorted(pkg.glob("_C*")):
-        h.update(f.name.encode())
+    for f in sorted(pkg.rglob("*.py")) + sorted(pkg.glob("_C*")):
+        h.update(str(f.relative_to(pkg)).encode())
         h.update(f.read_bytes())
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
         tempfile.gettempdir(), f"tike_cuda_inductor_{h.hexdigest()[:16]}")
 
 
 _inductor_cache_of_this_build()
+
+import tike_cuda  # noqa: E402  (after the cache directory is chosen)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # A real GPU that the extension was built for.
 HAS_GPU = torch.cuda.is_available() and bool(getattr(tike_cuda._C, "WITH_CUDA", 0))
