@@ -109,6 +109,16 @@ class Case {
 
 int64_t elem_bytes(DType dt) { return dt == DType::Float32 ? 4 : 2; }
 
+// The fields every op's arguments share: the logits (input `logits`), dtype and shape.
+template <class Args>
+void set_logits(Case& c, Args& a) {
+  a.logits = c.in<char>("logits");
+  a.logits_layout = c.layout("logits");
+  a.dtype = DType(c.i64("dtype"));
+  a.N = c.i64("N");
+  a.V = c.i64("V");
+}
+
 void run_case(Case& c) {
   const std::string op = c.str("op");
   const int64_t N = c.i64("N"), V = c.i64("V");
@@ -116,11 +126,10 @@ void run_case(Case& c) {
   const float tau = c.f32("temperature");
   if (op == "topk_kl") {
     TopkKlForwardArgs a;
-    a.logits = c.in<char>("logits");
-    a.logits_layout = c.layout("logits");
+    set_logits(c, a);
     a.ref_logits = c.in<char>("ref_logits");
     a.ref_layout = c.layout("ref_logits");
-    a.dtype = dt, a.N = N, a.V = V, a.k = c.i64("k"), a.K1 = c.i64("K1");
+    a.k = c.i64("k"), a.K1 = c.i64("K1");
     a.sampled_tokens = c.in<int64_t>("sampled_tokens", false);
     a.old_logprobs = c.in<float>("old_logprobs", false);
     a.mask = c.in<bool>("mask", false);
@@ -135,9 +144,8 @@ void run_case(Case& c) {
   } else if (op == "topk_kl_backward") {
     TopkKlBackwardArgs a;
     a.grad_out = c.in<float>("grad_out");
-    a.logits = c.in<char>("logits");
-    a.logits_layout = c.layout("logits");
-    a.dtype = dt, a.N = N, a.V = V, a.K1 = c.i64("K1");
+    set_logits(c, a);
+    a.K1 = c.i64("K1");
     a.lse = c.in<float>("lse");
     a.idx = c.in<int32_t>("idx");
     a.coef = c.in<float>("coef");
@@ -149,11 +157,9 @@ void run_case(Case& c) {
     cpu::topk_kl_backward_rows(a, 0, N);
   } else if (op == "full_kl") {
     FullKlForwardArgs a;
-    a.logits = c.in<char>("logits");
-    a.logits_layout = c.layout("logits");
+    set_logits(c, a);
     a.ref_logits = c.in<char>("ref_logits");
     a.ref_layout = c.layout("ref_logits");
-    a.dtype = dt, a.N = N, a.V = V;
     a.mask = c.in<bool>("mask", false);
     a.temperature = tau;
     a.out = c.out<float>("out", N);
@@ -163,11 +169,9 @@ void run_case(Case& c) {
   } else if (op == "full_kl_backward") {
     FullKlBackwardArgs a;
     a.grad_out = c.in<float>("grad_out");
-    a.logits = c.in<char>("logits");
-    a.logits_layout = c.layout("logits");
+    set_logits(c, a);
     a.ref_logits = c.in<char>("ref_logits");
     a.ref_layout = c.layout("ref_logits");
-    a.dtype = dt, a.N = N, a.V = V;
     a.out = c.in<float>("out");
     a.lse_p = c.in<float>("lse_p");
     a.lse_q = c.in<float>("lse_q");
@@ -177,9 +181,7 @@ void run_case(Case& c) {
     cpu::full_kl_backward_rows(a, 0, N);
   } else if (op == "token_logprobs") {
     TokenLogprobsForwardArgs a;
-    a.logits = c.in<char>("logits");
-    a.logits_layout = c.layout("logits");
-    a.dtype = dt, a.N = N, a.V = V;
+    set_logits(c, a);
     a.tokens = c.in<int64_t>("tokens");
     a.temperature = tau;
     a.logp = c.out<float>("logp", N);
@@ -190,9 +192,7 @@ void run_case(Case& c) {
     TokenLogprobsBackwardArgs a;
     a.grad_logp = c.in<float>("grad_logp");
     a.grad_entropy = c.in<float>("grad_entropy", false);
-    a.logits = c.in<char>("logits");
-    a.logits_layout = c.layout("logits");
-    a.dtype = dt, a.N = N, a.V = V;
+    set_logits(c, a);
     a.tokens = c.in<int64_t>("tokens");
     a.lse = c.in<float>("lse");
     a.entropy = c.in<float>("entropy", false);
@@ -201,9 +201,8 @@ void run_case(Case& c) {
     cpu::token_logprobs_backward_rows(a, 0, N);
   } else if (op == "topk_indices") {
     TopkIndicesArgs a;
-    a.logits = c.in<char>("logits");
-    a.logits_layout = c.layout("logits");
-    a.dtype = dt, a.N = N, a.V = V, a.k = c.i64("k");
+    set_logits(c, a);
+    a.k = c.i64("k");
     a.mask = c.in<bool>("mask", false);
     a.idx = c.out<int32_t>("idx", N * a.k);
     cpu::topk_indices_rows(a, 0, N);
@@ -223,9 +222,8 @@ void run_case(Case& c) {
     cpu::sparse_reference_rows(a, 0, N);
   } else if (op == "topk_kl_sparse") {
     TopkKlSparseArgs a;
-    a.logits = c.in<char>("logits");
-    a.logits_layout = c.layout("logits");
-    a.dtype = dt, a.N = N, a.V = V, a.K1 = c.i64("K1");
+    set_logits(c, a);
+    a.K1 = c.i64("K1");
     a.idx = c.in<int32_t>("idx");
     a.sorted = c.sorted_rows(a.idx, N, a.K1);
     a.ref_logprobs = c.in<float>("ref_logprobs");
