@@ -74,19 +74,18 @@ TIKE_INLINE void backward_row(const TokenLogprobsBackwardArgs& a, int64_t r, flo
     float* out = tile_dst<S>(grow, a.dtype, j0, n, zb);
     // −(1/τ) p_j [g_lp + g_H (log p_j + H)]; the token's +g_lp/τ is added below
     const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
-    const GradTile<S> dst = grad_tile<S>(out, zb);
     if (g_h == 0.f) {  // no entropy gradient (the common case): −(g_lp/τ) p_j, one exp2
       for (int i = 0; i < npad; i += S::kLanes) {
         next_z.at(i);
         const vf p = S::exp2((S::load(z + i) - vM) * c - vl2);
-        dst.put(i, p != 0.f ? p * dense : vf{});
+        S::store(out + i, p != 0.f ? p * dense : vf{});
       }
     } else {
       for (int i = 0; i < npad; i += S::kLanes) {
         next_z.at(i);
         const vf lpj = (S::load(z + i) - vM) * s - vl, p = S::exp(lpj);
         const vf gj = p * (g_h * (lpj + H) + g_lp) * -s;
-        dst.put(i, p != 0.f ? gj : vf{});
+        S::store(out + i, p != 0.f ? gj : vf{});
       }
     }
     if (tok >= j0 && tok < j0 + n) out[tok - j0] += g_lp * s;
@@ -106,7 +105,6 @@ TIKE_INLINE void backward_rows(const TokenLogprobsBackwardArgs& a, int64_t row_b
                                int64_t row_end) {
   std::vector<float> zb(kTile);
   for (int64_t r = row_begin; r < row_end; ++r) backward_row<S>(a, r, zb.data());
-  S::stream_fence();
 }
 
 }  // namespace

@@ -177,10 +177,9 @@ TIKE_INLINE void backward_row(const TopkKlBackwardArgs& a, int64_t r, Scratch& s
       patch[sup - first] = p != 0.f ? g * p * (coef[sc.support[sup].second] - sh) : 0.f;
     }
     const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
-    const GradTile<S> dst = grad_tile<S>(out, buf);
     for (int i = 0; i < npad; i += S::kLanes) {
       next_z.at(i);
-      dst.put(i, S::exp2((S::load(x + i) - vM) * c - vl) * dense);
+      S::store(out + i, S::exp2((S::load(x + i) - vM) * c - vl) * dense);
     }
     for (size_t e = first; e < sup; ++e) out[sc.support[e].first - j0] = patch[e - first];
     finish_tile(grow, a.dtype, j0, n, out, buf);
@@ -198,7 +197,6 @@ TIKE_INLINE void backward_rows(const TopkKlBackwardArgs& a, int64_t row_begin,
                                int64_t row_end) {
   Scratch sc(1, 0);
   for (int64_t r = row_begin; r < row_end; ++r) backward_row<S>(a, r, sc);
-  S::stream_fence();
 }
 
 }  // namespace
