@@ -207,6 +207,30 @@ def test_topk_selection_with_many_ties(device, k, gen):
     assert torch.equal(idx.cpu(), topk_indices(z.cpu(), k).to(torch.int32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [16, 256, 1000])
+def test_topk_selection_at_the_block_max_floor(dtype, k, gen):
+    """Rows of many 64-column blocks whose maxima tie with the k-th largest block max (the
+    CPU selection's lower bound of the k-th best value): values equal to it are members,
+    in index order, and a block holding several of the best values is read whole. CPU
+    only: the CUDA selection has no such bound (the emulation would be slow at this V)."""
+    device = "cpu"
+    N, V = 5, 64 * 700 + 37
+    z = torch.randn(N, V, generator=gen) - 4.0
+    blocks = torch.arange(0, V, 64)
+    col = blocks + torch.randint(0, 64, blocks.shape, generator=gen).clamp(max=V - 1 - blocks)
+    z[0, col] = (torch.randn(len(col), generator=gen) * 2).round()  # block maxima tie
+    z[1, col] = 1.0                      # every block max equal: the first k of them
+    z[2, :64 * 3] = 5.0 + torch.rand(64 * 3, generator=gen)  # the best few in 3 blocks
+    z[3, col] = 1.0
+    z[3, col[::2] + 0] = float("nan")    # NaN ranks as −inf
+    z[4, -37:] = 9.0                     # the best ones in the short last block
+    z = z.to(device, dtype)
+    assert torch.equal(tike_cuda.topk_indices(z, k).cpu().long(), topk_indices(z.cpu(), k))
+    idx = torch.ops.tike_cuda.topk_kl(z, z, k, None, None, None, 1.0, True, False)[2]
+    assert torch.equal(idx.cpu().long(), topk_indices(z.cpu(), k))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [1e-25, 1e-30])
 def test_token_logprobs_at_a_tiny_temperature_is_float_exact(device, temperature, gen):

@@ -85,26 +85,6 @@ struct Simd {
   }
   static TIKE_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
   static TIKE_INLINE vf max(vf a, vf b) { return a > b ? a : b; }
-  // A non-temporal store (p aligned to the vector): the line is written without being
-  // read first. Inline assembly: the instruction builtins are not declared in a template
-  // compiled for the baseline; this is expanded only inside the per-path functions,
-  // whose target has the registers. Needs stream_fence() before other threads read.
-  static TIKE_INLINE void stream(float* p, vf v) {
-#if TIKE_CPU_X86
-    vf* d = reinterpret_cast<vf*>(p);
-    if constexpr (W == 4)
-      asm volatile("movntps %1, %0" : "=m"(*d) : "x"(v));
-    else
-      asm volatile("vmovntps %1, %0" : "=m"(*d) : "v"(v));
-#else
-    store(p, v);
-#endif
-  }
-  static TIKE_INLINE void stream_fence() {
-#if TIKE_CPU_X86
-    asm volatile("sfence" ::: "memory");
-#endif
-  }
   // 2^y to ~2 ulp for y <= 127: 2^n · 2^f with n = round(y), f in [−1/2, 1/2] and a
   // degree-6 polynomial for 2^f. Callers fold log2(e) into their scale, so an exp costs
   // one multiply less than exp(x) would. 2^y below the float range (and y = −inf) is
@@ -314,32 +294,14 @@ TIKE_INLINE const float* tile_src(const void* row, DType dt, int64_t j0, int n, 
 
 // Where a kernel computes the floats of output elements [j0, j0 + n): straight into a
 // float32 row when the tile needs no padding, else into buf (then finish_tile).
+// Plain stores, not non-temporal ones: a backward's gradient is fresh memory that the OS
+// zeroes a (huge) page at a time on first touch, which leaves its lines in cache; a
+// non-temporal store would evict them and send every line to memory once more (the fp32
+// backwards ran 20-30% slower with them through the ops, on a fresh gradient per call).
 template <class S>
 TIKE_INLINE float* tile_dst(void* row, DType dt, int64_t j0, int n, float* buf) {
   if (dt == DType::Float32 && n % S::kLanes == 0) return static_cast<float*>(row) + j0;
   return buf;
-}
-
-// Stores of a backward's gradient tile: straight into a float32 row with non-temporal
-// stores when the tile is aligned (the gradient is written once and not read back: this
-// skips reading each destination line first, one memory pass of N×V less), else plain
-// stores (into buf for a 16-bit row, then finish_tile). The kernel calls
-// S::stream_fence() once after its rows.
-template <class S>
-struct GradTile {
-  float* out;
-  bool streaming;
-  TIKE_INLINE void put(int i, typename S::vf v) const {
-    if (streaming)
-      S::stream(out + i, v);
-    else
-      S::store(out + i, v);
-  }
-};
-template <class S>
-TIKE_INLINE GradTile<S> grad_tile(float* out, const float* buf) {
-  const bool aligned = (reinterpret_cast<uintptr_t>(out) % sizeof(typename S::vf)) == 0;
-  return {out, out != buf && aligned};
 }
 
 // Writes buf[0, n) as elements [j0, j0 + n) of a row of dtype dt (rounded once).

@@ -107,13 +107,12 @@ TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb,
       const float* q = tile_src<S>(qrow, a.dtype, j0, n, qb, 0.f);
       const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
       const NextTile next_q = next_tile(qrow, a.dtype, j0, a.V);
-      const GradTile<S> dst = grad_tile<S>(out, zb);
       for (int i = 0; i < npad; i += S::kLanes) {
         next_z.at(i);
         next_q.at(i);
         const vf dz = (S::load(z + i) - vMp) * s, p = S::exp(dz - vlp);
         const vf g = (p * (dz - dl) - (p * s) * (S::load(q + i) - vMq)) * gs;
-        dst.put(i, p != 0.f ? g : vf{});
+        S::store(out + i, p != 0.f ? g : vf{});
       }
     }
     finish_tile(grow, a.dtype, j0, n, out, zb);
@@ -131,7 +130,6 @@ TIKE_INLINE void backward_rows(const FullKlBackwardArgs& a, int64_t row_begin,
                                int64_t row_end) {
   std::vector<float> zb(kTile), qb(kTile);
   for (int64_t r = row_begin; r < row_end; ++r) backward_row<S>(a, r, zb.data(), qb.data());
-  S::stream_fence();
 }
 
 }  // namespace

@@ -64,6 +64,9 @@ TIKE_INLINE void backward_row(const TokenLogprobsBackwardArgs& a, int64_t r, flo
   const int64_t tok = a.tokens[r];
   const void* zrow = row_ptr(a.logits, a.dtype, a.logits_layout, r);
   const vf vM = S::splat(M), vl = S::splat(l);
+  // p_j = 2^((z_j − M)·c − ℓ·log2 e), c = log2(e)/τ (the exp's own scale folded in)
+  const float c = s * kLog2e;
+  const vf vl2 = S::splat(l * kLog2e), dense = S::splat(-g_lp * s);
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
     const int npad = S::padded(n);
@@ -71,12 +74,19 @@ TIKE_INLINE void backward_row(const TokenLogprobsBackwardArgs& a, int64_t r, flo
     float* out = tile_dst<S>(grow, a.dtype, j0, n, zb);
     // −(1/τ) p_j [g_lp + g_H (log p_j + H)]; the token's +g_lp/τ is added below
     const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
-    const GradTile<S> dst = grad_tile<S>(out, zb);
-    for (int i = 0; i < npad; i += S::kLanes) {
-      next_z.at(i);
-      const vf lpj = (S::load(z + i) - vM) * s - vl, p = S::exp(lpj);
-      const vf gj = p * (g_h * (lpj + H) + g_lp) * -s;
-      dst.put(i, p != 0.f ? gj : vf{});
+    if (g_h == 0.f) {  // no entropy gradient (the common case): −(g_lp/τ) p_j, one exp2
+      for (int i = 0; i < npad; i += S::kLanes) {
+        next_z.at(i);
+        const vf p = S::exp2((S::load(z + i) - vM) * c - vl2);
+        S::store(out + i, p != 0.f ? p * dense : vf{});
+      }
+    } else {
+      for (int i = 0; i < npad; i += S::kLanes) {
+        next_z.at(i);
+        const vf lpj = (S::load(z + i) - vM) * s - vl, p = S::exp(lpj);
+        const vf gj = p * (g_h * (lpj + H) + g_lp) * -s;
+        S::store(out + i, p != 0.f ? gj : vf{});
+      }
     }
     if (tok >= j0 && tok < j0 + n) out[tok - j0] += g_lp * s;
     finish_tile(grow, a.dtype, j0, n, out, zb);
@@ -95,7 +105,6 @@ TIKE_INLINE void backward_rows(const TokenLogprobsBackwardArgs& a, int64_t row_b
                                int64_t row_end) {
   std::vector<float> zb(kTile);
   for (int64_t r = row_begin; r < row_end; ++r) backward_row<S>(a, r, zb.data());
-  S::stream_fence();
 }
 
 }  // namespace

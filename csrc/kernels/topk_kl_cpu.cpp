@@ -24,8 +24,8 @@ struct Scratch {
   std::vector<float> zbuf, qbuf;
   std::vector<std::pair<int32_t, int32_t>> support;  // (index, slot) of S~, by index
   TopK topk;
-  TileMaxima maxima;
-  explicit Scratch(int64_t k) : zbuf(kTile), qbuf(kTile), topk(k) {}
+  RowBlocks blocks;
+  Scratch(int64_t k, int64_t V) : zbuf(kTile), qbuf(kTile), topk(k), blocks(V) {}
 };
 
 // S~ entries of row n sorted by vocabulary index, so tiles can walk them in order.
@@ -36,25 +36,22 @@ inline void sorted_support(const int32_t* idx, int64_t K1, Scratch& sc) {
   std::sort(sc.support.begin(), sc.support.end());
 }
 
-// Pass 1: online log-sum-exp of z·s and the top-k of the raw values.
+// Pass 1: online log-sum-exp of z·s and the block maxima; then the top-k of the raw values.
 template <class S>
 TIKE_INLINE LsePair scan_policy_row(const void* zrow, DType dt, int64_t V, float s,
                                     Scratch& sc) {
   OnlineLse<S> lse;
-  TopK& topk = sc.topk;
-  topk.clear();
   float* buf = sc.zbuf.data();
-  TileMaxima& tm = sc.maxima;
   for (int64_t j0 = 0; j0 < V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, V - j0));
     const int npad = S::padded(n);
     const float* x = tile_src<S>(zrow, dt, j0, n, buf);
     // Block maxima give both the tile max and the blocks the top-k must look at.
-    lse.raise_max(tile_maxima<S>(x, npad, tm, lse.nan), s);
+    lse.raise_max(block_maxima<S>(x, npad, j0, sc.blocks, lse.nan), s);
     if (lse.M > -kInf && lse.M < kInf)
       lse.sum += tile_sumexp<S>(x, npad, lse.M, s, next_tile(zrow, dt, j0, V));
-    offer_tile<S>(topk, x, n, j0, tm);
   }
+  select_row<S>(sc.topk, zrow, dt, V, sc.blocks);
   return lse.pair();
 }
 
@@ -180,10 +177,9 @@ TIKE_INLINE void backward_row(const TopkKlBackwardArgs& a, int64_t r, Scratch& s
       patch[sup - first] = p != 0.f ? g * p * (coef[sc.support[sup].second] - sh) : 0.f;
     }
     const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
-    const GradTile<S> dst = grad_tile<S>(out, buf);
     for (int i = 0; i < npad; i += S::kLanes) {
       next_z.at(i);
-      dst.put(i, S::exp2((S::load(x + i) - vM) * c - vl) * dense);
+      S::store(out + i, S::exp2((S::load(x + i) - vM) * c - vl) * dense);
     }
     for (size_t e = first; e < sup; ++e) out[sc.support[e].first - j0] = patch[e - first];
     finish_tile(grow, a.dtype, j0, n, out, buf);
@@ -192,16 +188,15 @@ TIKE_INLINE void backward_row(const TopkKlBackwardArgs& a, int64_t r, Scratch& s
 
 template <class S>
 TIKE_INLINE void forward_rows(const TopkKlForwardArgs& a, int64_t row_begin, int64_t row_end) {
-  Scratch sc(std::min(a.k, a.V));
+  Scratch sc(std::min(a.k, a.V), a.V);
   for (int64_t r = row_begin; r < row_end; ++r) forward_row<S>(a, r, sc);
 }
 
 template <class S>
 TIKE_INLINE void backward_rows(const TopkKlBackwardArgs& a, int64_t row_begin,
                                int64_t row_end) {
-  Scratch sc(1);
+  Scratch sc(1, 0);
   for (int64_t r = row_begin; r < row_end; ++r) backward_row<S>(a, r, sc);
-  S::stream_fence();
 }
 
 }  // namespace

@@ -1,12 +1,14 @@
-// The CPU top-k of a streamed row (torch-free), shared by topk_kl's policy pass and
-// topk_indices: one selection implementation, fed tile by tile, that skips every block of
-// kBlock elements whose max cannot enter it.
+// The CPU top-k of a row (torch-free), shared by topk_kl's policy pass and topk_indices:
+// the pass over the row keeps the max of every block of kBlock elements; after it, only
+// the blocks whose max reaches the k-th largest block max are read again (from cache: the
+// row was just scanned) and their values offered to one selection.
 //
 // Order: larger value first, the lower index on ties; NaN ranks as −inf and −0 as +0 (a
 // float compare), the rule of docs/kernels.md and of the CUDA keys in topk_select.cuh.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -14,120 +16,114 @@
 
 namespace tike::cpu {
 
-constexpr int kBlock = 64;  // top-k skips whole blocks whose max cannot enter the queue
-
-struct Cand {
-  float v;
-  int32_t i;
-};
-// a ranks below b: lower value, or the same value at a higher index (lower index wins).
-inline bool ranks_below(const Cand& a, const Cand& b) {
-  return a.v < b.v || (a.v == b.v && a.i > b.i);
+constexpr int kBlock = 64;  // elements per block: the unit the selection skips on its max
+// A candidate as one integer that orders as the selection does: the value's bits mapped
+// to an unsigned order (−0 as +0, NaN as −inf) above the complemented index (the lower
+// index ranks higher on a tie). Sorting and selecting plain integers is several times
+// cheaper than comparing (value, index) pairs.
+inline uint64_t rank_key(float v, int32_t i) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if (v != v) u = 0xff800000u;  // NaN: −inf
+  if (v == 0.f) u = 0u;         // −0: +0
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(u) << 32) | uint32_t(~uint32_t(i));
 }
+inline float key_value(uint64_t key) {
+  uint32_t u = uint32_t(key >> 32);
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+inline int32_t key_index(uint64_t key) { return int32_t(~uint32_t(key)); }
 
-// The k best values of a row (ties to the lower index, NaN as −inf), scanned in index
-// order: every value above the threshold — the k-th best kept after the last prune — is
-// appended to a buffer, and when the buffer holds `cap` candidates a selection cuts it
-// back to the k best and raises the threshold. So a value costs one compare, and the
-// selections cost O(cap) each, ~k·ln(V/k)/(cap − k) times a row: no heap update per
-// admitted value. cap = 2k (k + 64 at least) keeps the threshold fresh: with a stale one
-// most 64-value blocks of a row pass the block-max test and are scanned. A newcomer equal
-// to the threshold comes at a higher index than every kept value and ranks below them:
-// the strict compare rejects it. The first k values of a row are taken unconditionally,
-// so a row with fewer than k finite values (masked vocabularies, NaN) still fills S in
-// index order. Scalar code: compiled once, outside the per-path kernels.
+// The k best values of a row (ties to the lower index, NaN as −inf), offered in index
+// order. A value is admitted when it is above the threshold — the k-th best kept after
+// the last prune — and at least the floor, a lower bound of the row's k-th best value
+// known in advance (select_row: the k-th largest block max). Admitted values go to a
+// buffer; when it holds `cap` candidates a selection cuts it back to the k best and raises
+// the threshold, so a value costs one compare and there is no heap update per admission.
+// A newcomer equal to the threshold comes at a higher index than every kept value and
+// ranks below them: the strict compare rejects it; one equal to the floor may be the k-th
+// best: it is admitted. The first k values of a row are taken unconditionally, so a row
+// with fewer than k finite values (masked vocabularies, NaN) still fills S in index order.
+// Scalar code: compiled once, outside the per-path kernels.
 class TopK {
  public:
   explicit TopK(int64_t k)
       : k_(k), cap_(k + std::max<int64_t>(k, kBlock)), buf_(size_t(cap_ + kBlock)) {}
-  void clear() {
+  // Starts a row whose k-th best value is known to be >= floor (−inf: nothing known).
+  void clear(float floor = -kInf) {
     n_ = 0;
     thr_ = -kInf;
+    floor_ = floor;
   }
+  // Admitted from now on: values above threshold() and at least floor().
   float threshold() const { return thr_; }
+  float floor() const { return floor_; }
   int64_t k() const { return k_; }
 
-  // Offers x[0, n) (n <= kBlock; indices j0 + i, all >= k): those above the threshold.
+  // Offers x[0, n) (n <= kBlock; indices j0 + i, all >= k).
   void offer_block(const float* x, int n, int32_t j0) {
-    const float t = thr_;
-    for (int i = 0; i < n; ++i)
-      if (x[i] > t) buf_[size_t(n_++)] = {x[i], j0 + i};
-    if (n_ >= cap_) prune(k_);
-  }
-  // Offers a whole block of kBlock values laid out as kBlock/W vectors of W lanes, with
-  // lane_max[l] the max of lane l over those vectors: only the lanes whose max is above the
-  // threshold are looked at. Admission order within a block does not matter: the
-  // threshold stays the one from before the block (a value equal to it comes after the
-  // k-th best kept and ranks below it), and the selection orders by (value, index).
-  template <int W>
-  void offer_lanes(const float* x, const float* lane_max, int32_t j0) {
-    const float t = thr_;
-    for (int l = 0; l < W; ++l) {
-      if (!(lane_max[l] > t)) continue;
-      for (int i = l; i < kBlock; i += W)
-        if (x[i] > t) buf_[size_t(n_++)] = {x[i], j0 + i};
+    const float t = thr_, f = floor_;
+    if (t >= f) {  // above the threshold implies at least the floor
+      for (int i = 0; i < n; ++i)
+        if (x[i] > t) buf_[size_t(n_++)] = rank_key(x[i], j0 + i);
+    } else {  // at least the floor implies above the threshold
+      for (int i = 0; i < n; ++i)
+        if (x[i] >= f) buf_[size_t(n_++)] = rank_key(x[i], j0 + i);
     }
-    if (n_ >= cap_) prune(k_);
+    if (n_ >= cap_) prune();
   }
   // Takes x[0, n) (n <= kBlock; indices j0 + i) unconditionally, NaN as −inf.
   void take_block(const float* x, int n, int32_t j0) {
-    for (int i = 0; i < n; ++i) buf_[size_t(n_++)] = {x[i] == x[i] ? x[i] : -kInf, j0 + i};
-    if (n_ >= cap_) prune(k_);
+    for (int i = 0; i < n; ++i) buf_[size_t(n_++)] = rank_key(x[i], j0 + i);
+    if (n_ >= cap_) prune();
   }
   // Writes the k best indices, best first (value desc, index asc).
   void write_sorted(int32_t* out) {
-    const int64_t k = std::min(k_, n_);
-    select_exact(k);
-    std::sort(buf_.begin(), buf_.begin() + k, ranks_above);
-    for (int64_t s = 0; s < k; ++s) out[s] = buf_[size_t(s)].i;
+    if (n_ > k_) prune();
+    std::sort(buf_.begin(), buf_.begin() + n_, std::greater<uint64_t>());
+    for (int64_t s = 0; s < n_; ++s) out[s] = key_index(buf_[size_t(s)]);
   }
 
  private:
-  static bool ranks_above(const Cand& a, const Cand& b) { return ranks_below(b, a); }
-  // Keeps the k best by (value, index).
-  void select_exact(int64_t k) {
-    if (n_ <= k) return;
-    std::nth_element(buf_.begin(), buf_.begin() + (k - 1), buf_.begin() + n_, ranks_above);
-    n_ = k;
-  }
-  // Raises the threshold to the k-th largest value t and keeps every candidate >= t (k or
-  // a few more on ties): a selection over plain floats, several times cheaper than one
-  // over (value, index) pairs. Many ties (bf16 rows) fall back to the exact selection.
-  void prune(int64_t k) {
-    vals_.resize(size_t(n_));
-    for (int64_t i = 0; i < n_; ++i) vals_[size_t(i)] = buf_[size_t(i)].v;
-    std::nth_element(vals_.begin(), vals_.begin() + (k - 1), vals_.end(), std::greater<float>());
-    const float t = vals_[size_t(k - 1)];
-    int64_t m = 0;
-    for (int64_t i = 0; i < n_; ++i)
-      if (buf_[size_t(i)].v >= t) buf_[size_t(m++)] = buf_[size_t(i)];
-    n_ = m;
-    if (n_ >= cap_) select_exact(k);
-    thr_ = std::max(thr_, t);
+  // Keeps the k best and raises the threshold to the k-th best value (keys are distinct:
+  // exactly k are kept, ties included).
+  void prune() {
+    std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.begin() + n_,
+                     std::greater<uint64_t>());
+    n_ = k_;
+    thr_ = std::max(thr_, key_value(buf_[size_t(k_ - 1)]));
   }
   // Invariant between calls: n_ < cap_, and one call adds at most kBlock candidates.
   int64_t k_, cap_, n_ = 0;
-  float thr_ = -kInf;
-  std::vector<Cand> buf_;
-  std::vector<float> vals_;
+  float thr_ = -kInf, floor_ = -kInf;
+  std::vector<uint64_t> buf_;
 };
 
-// What the selection needs of a padded tile, kept by the caller per tile: the max of
-// each kBlock block, and per block the max of each vector lane over its vectors.
-struct TileMaxima {
-  float bmax[kTile / kBlock];
-  alignas(64) float lane_max[kTile];
+// Block maxima of a row, filled tile by tile during the pass over it (block_maxima) and
+// used once the pass is done (select_row).
+struct RowBlocks {
+  std::vector<float> bmax;  // max of each block of kBlock columns (NaN skipped)
+  std::vector<float> work;  // a copy for the selection of the floor
+  alignas(64) float block[kBlock];  // one block converted to float (16-bit rows)
+  explicit RowBlocks(int64_t V = 0) { resize(V); }
+  void resize(int64_t V) { bmax.resize(size_t((V + kBlock - 1) / kBlock)); }
 };
 
-// Block and lane maxima of a padded tile x[0, npad) into tm (NaN skipped: it ranks as
-// −inf); sets `nan` when the tile holds a NaN. Returns the tile max over the non-NaN
-// values (−inf when there is none).
+// Block maxima of a padded tile x[0, npad) of columns j0 .. (j0 a multiple of kBlock) into
+// rb.bmax (NaN skipped: it ranks as −inf); sets `nan` when the tile holds a NaN. Returns
+// the tile max over the non-NaN values (−inf when there is none).
 template <class S>
-TIKE_INLINE float tile_maxima(const float* x, int npad, TileMaxima& tm, bool& nan) {
+TIKE_INLINE float block_maxima(const float* x, int npad, int64_t j0, RowBlocks& rb,
+                               bool& nan) {
   using vf = typename S::vf;
   using vi = typename S::vi;
   vf tmax = S::splat(-kInf);
   vi bad = vi{};
+  float* bmax = rb.bmax.data() + j0 / kBlock;
   const int nblocks = (npad + kBlock - 1) / kBlock;
   for (int b = 0; b < nblocks; ++b) {
     vf m = S::splat(-kInf);
@@ -136,32 +132,51 @@ TIKE_INLINE float tile_maxima(const float* x, int npad, TileMaxima& tm, bool& na
       m = S::max(v, m);  // a NaN v keeps m: NaN ranks as −inf
       bad |= (v != v);
     }
-    S::store(tm.lane_max + b * S::kLanes, m);
-    tm.bmax[b] = S::hmax(m);
+    bmax[b] = S::hmax(m);
     tmax = S::max(tmax, m);
   }
   nan |= S::any(bad);
   return S::hmax(tmax);
 }
 
-// Offers the n elements of tile x (columns j0 ..) to topk, after tile_maxima: blocks
-// whose max cannot enter are skipped, full blocks are looked at lane by lane, and the
-// first k columns of the row are taken whatever their value.
+// The top-k of a row after block_maxima has seen all of it. The floor is the k-th largest
+// block max: k blocks hold a value that large, so the k-th best value of the row is at
+// least it, and only blocks whose max reaches it (and the threshold) can hold a member —
+// about k of them on a row of distinct values, whatever V is. Those blocks, and the ones
+// holding the first k columns (taken unconditionally), are read again, a vector at a
+// time: only vectors with a value to admit go to the scalar selection. Fewer blocks than
+// k: no floor, every block is read.
 template <class S>
-TIKE_INLINE void offer_tile(TopK& topk, const float* x, int n, int64_t j0, const TileMaxima& tm) {
-  const int nblocks = (n + kBlock - 1) / kBlock;
-  for (int b = 0; b < nblocks; ++b) {
-    const int64_t jb = j0 + b * kBlock;
-    if (jb >= topk.k() && !(tm.bmax[b] > topk.threshold())) continue;
-    const int len = std::min(n, (b + 1) * kBlock) - b * kBlock;
-    const float* xb = x + b * kBlock;
-    const int take = int(std::clamp<int64_t>(topk.k() - jb, 0, len));  // j < k: always in
-    if (take == 0 && len == kBlock) {
-      topk.template offer_lanes<S::kLanes>(xb, tm.lane_max + b * S::kLanes, int32_t(jb));
-      continue;
+TIKE_INLINE void select_row(TopK& topk, const void* row, DType dt, int64_t V, RowBlocks& rb) {
+  using vf = typename S::vf;
+  constexpr int W = S::kLanes;
+  const int64_t nb = int64_t(rb.bmax.size()), k = topk.k();
+  float floor = -kInf;
+  if (k > 0 && nb >= k) {
+    rb.work.assign(rb.bmax.begin(), rb.bmax.end());
+    std::nth_element(rb.work.begin(), rb.work.begin() + (k - 1), rb.work.end(),
+                     std::greater<float>());
+    floor = rb.work[size_t(k - 1)];
+  }
+  topk.clear(floor);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t jb = b * kBlock;
+    const float m = rb.bmax[size_t(b)];
+    if (jb >= k && !(m > topk.threshold() && m >= floor)) continue;
+    const int len = int(std::min<int64_t>(kBlock, V - jb));
+    const float* xb = rb.block;
+    if (dt == DType::Float32 && len == kBlock)
+      xb = static_cast<const float*>(row) + jb;
+    else
+      load_tile<S>(row, dt, jb, len, rb.block);  // padded with −inf: never admitted
+    int i = int(std::clamp<int64_t>(k - jb, 0, len));  // j < k: always in
+    if (i > 0) topk.take_block(xb, i, int32_t(jb));
+    for (; i < len && i % W != 0; ++i) topk.offer_block(xb + i, 1, int32_t(jb + i));
+    for (; i < len; i += W) {
+      const vf v = S::load(xb + i);
+      if (S::any((v > topk.threshold()) & (v >= floor)))
+        topk.offer_block(xb + i, std::min(W, len - i), int32_t(jb + i));
     }
-    if (take > 0) topk.take_block(xb, take, int32_t(jb));
-    if (take < len) topk.offer_block(xb + take, len - take, int32_t(jb + take));
   }
 }
 
