@@ -65,10 +65,15 @@ def _train(trainer_cls, args, tiny, **kwargs):
 
 
 def _assert_same_steps(ours, theirs, keys=("loss", "kl"), rtol=RTOL):
+    """The first logged step (before any update) within `rtol`; later ones within 10 rtol:
+    the two trainers' gradients agree to float32 rounding, not bit for bit (tike_cuda's
+    log-probs and TRL's selective log-softmax round differently), and an update at lr 0.05
+    carries that into the next step's parameters."""
     assert len(ours) == len(theirs) > 0
     for step, (a, b) in enumerate(zip(ours, theirs)):
+        tol = rtol if step == 0 else 10 * rtol
         for key in keys:
-            assert abs(a[key] - b[key]) <= rtol * abs(b[key]), (step, key, a[key], b[key])
+            assert abs(a[key] - b[key]) <= tol * abs(b[key]), (step, key, a[key], b[key])
 
 
 # -- 1. "k3" is TRL's own KL term ------------------------------------------------------------
