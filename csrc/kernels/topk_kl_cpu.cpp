@@ -4,6 +4,8 @@
 //                   of p, each an online log-sum-exp of its own over the entries outside
 //                   S~, so a tiny tail neither cancels against 1 − head nor underflows);
 //   K1 gathers    : the partial KL, its backward coefficients and the audit stats.
+// topk_kl_shard (tike_cuda.distributed's local pass) runs both passes and then writes S~
+// with its logits, the pairs and the tails instead of the K1 terms.
 // The backward makes one pass over z writing the dense gradient, S~ entries included.
 // Compiled once per instruction-set path (cpu_simd.h, TIKE_CPU_KERNEL).
 #include "topk_kl_cpu.h"
