@@ -1,6 +1,6 @@
-// CPU implementation of tike_cuda::topk_kl, its backward and its shard pass (topk_kl_shard): the shared preparation
-// (csrc/ops_prepare.h), then the torch-free kernels of csrc/kernels/topk_kl_cpu.h spread
-// over rows with at::parallel_for.
+// CPU implementation of tike_cuda::topk_kl, its backward and its shard pass (topk_kl_shard):
+// the shared preparation (csrc/ops_prepare.h), then the torch-free kernels of
+// csrc/kernels/topk_kl_cpu.h spread over rows with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

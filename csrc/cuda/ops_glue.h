@@ -97,7 +97,8 @@ struct Ops {
   static void launch_topk_kl_forward(const TopkKlForwardCall& c) {
     if (c.args.N == 0) return;
     const auto plan = cuda::topk_kl_forward_plan(c.args);
-    if (plan.preselected) preselect_topk(c.logits, c.args.logits_layout, c.args.N, c.args.V, c.args.k, c.idx);
+    const TopkKlForwardArgs& a = c.args;
+    if (plan.preselected) preselect_topk(c.logits, a.logits_layout, a.N, a.V, a.k, c.idx);
     const Tensor ws = workspace(plan.workspace_bytes, c.logits);
     D::check(cuda::topk_kl_forward(c.args, plan, ptr_or_null(ws), D::stream()));
   }

@@ -66,8 +66,10 @@ __device__ __forceinline__ void write_masked_row(const TopkKlForwardArgs& a, int
     a.stats[n * 3] = a.stats[n * 3 + 1] = a.stats[n * 3 + 2] = 0.f;
   }
   if (a.shard_values) {  // topk_kl_shard: S~ empty, pairs and tails 0
-    for (int64_t s = threadIdx.x; s < 2 * K1; s += kThreads) a.shard_values[n * K1 * 2 + s] = -kInf;
-    if (threadIdx.x < 2) a.shard_lse_q[2 * n + threadIdx.x] = a.shard_tails[2 * n + threadIdx.x] = 0.f;
+    for (int64_t s = threadIdx.x; s < 2 * K1; s += kThreads)
+      a.shard_values[n * K1 * 2 + s] = -kInf;
+    if (threadIdx.x < 2)
+      a.shard_lse_q[2 * n + threadIdx.x] = a.shard_tails[2 * n + threadIdx.x] = 0.f;
   }
 }
 
@@ -79,8 +81,9 @@ __device__ __forceinline__ void write_masked_row(const TopkKlForwardArgs& a, int
 template <typename T, typename Get>
 __device__ __forceinline__ void write_shard_row(const TopkKlForwardArgs& a, int64_t n,
                                                 const T* zrow, int k, int K1, bool o_extra,
-                                                bool write_idx, Get&& get, bool bad, float mp, double Sp, float mq,
-                                                double Sq, double tp_raw, double tq_raw) {
+                                                bool write_idx, Get&& get, bool bad, float mp,
+                                                double Sp, float mq, double Sq, double tp_raw,
+                                                double tq_raw) {
   int32_t* idx = a.idx + n * K1;
   float* v = a.shard_values + n * K1 * 2;
   for (int s = threadIdx.x; s < K1; s += kThreads) {
