@@ -30,6 +30,15 @@ TORCH_LIBRARY(tike_cuda, m) {
       "topk_kl_backward_(Tensor grad_out, Tensor(a!) logits, Tensor lse, Tensor idx, "
       "Tensor coef, Tensor shift, Tensor? mask, float temperature) -> ()");
 
+  // The local pass of the vocabulary-parallel topk_kl (tike_cuda.distributed): topk_kl's
+  // passes over this rank's vocabulary shard without the combination. A sampled token of
+  // -1 is not on this shard. Returns (idx[N,K1] int32 (local ids), values[N,K1,2] (z, zr)
+  // at idx, lse_p[N,2], lse_q[N,2] (pairs, as topk_kl saves its lse), log_tails[N,2]).
+  m.def(
+      "topk_kl_shard(Tensor logits, Tensor ref_logits, int k, Tensor? sampled_tokens, "
+      "Tensor? mask, float temperature, bool tail_bucket) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // Exact full-vocabulary KL(p || q). Returns (out[N], lse_p[N,2], lse_q[N,2]).
   m.def(
       "full_kl(Tensor logits, Tensor ref_logits, Tensor? mask, float temperature) "

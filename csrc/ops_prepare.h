@@ -95,6 +95,34 @@ inline TopkKlForwardCall prepare_topk_kl_forward(
   return c;
 }
 
+// topk_kl_shard: topk_kl's preparation (the sampled token united, no old_logprobs) and
+// the local pass's own outputs (docs/kernels.md).
+struct TopkKlShardCall {
+  TopkKlForwardCall fwd;
+  at::Tensor values, lse_q, tails;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {fwd.idx, values, fwd.lse, lse_q, tails};
+  }
+};
+
+inline TopkKlShardCall prepare_topk_kl_shard(const at::Tensor& logits, const at::Tensor& ref,
+                                             int64_t k, const c10::optional<at::Tensor>& sampled,
+                                             const c10::optional<at::Tensor>& mask,
+                                             double temperature, bool tail_bucket) {
+  TopkKlShardCall c;
+  c.fwd = prepare_topk_kl_forward(logits, ref, k, sampled, c10::nullopt, mask, temperature,
+                                  /*union_sampled=*/true, tail_bucket);
+  const auto f32 = f32_like(c.fwd.logits);
+  c.values = at::empty({c.fwd.args.N, c.fwd.args.K1, 2}, f32);
+  c.lse_q = at::empty({c.fwd.args.N, 2}, f32);
+  c.tails = at::empty({c.fwd.args.N, 2}, f32);
+  TopkKlForwardArgs& a = c.fwd.args;
+  a.shard_values = c.values.data_ptr<float>();
+  a.shard_lse_q = c.lse_q.data_ptr<float>();
+  a.shard_tails = c.tails.data_ptr<float>();
+  return c;
+}
+
 struct TopkKlBackwardCall {
   at::Tensor logits, g, lse, idx, coef, shift, grad;
   c10::optional<at::Tensor> mask;

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 PATHS = ["avx512", "avx2", tike_cuda._C.CPU_ISAS.split(", ")[-1]]  # the baseline is last
 # The op tests each path must pass: values and gradients against the float64 reference.
 OP_TESTS = ["test_topk_kl.py", "test_full_kl.py", "test_token_logprobs.py",
-            "test_extreme_inputs.py", "test_sparse.py"]
+            "test_extreme_inputs.py", "test_sparse.py", "test_distributed_shard_op.py"]
 TIME_LIMIT_S = 600
 
 

@@ -1,6 +1,6 @@
-// CPU implementation of tike_cuda::topk_kl and its backward: the shared preparation
-// (csrc/ops_prepare.h), then the torch-free kernels of csrc/kernels/topk_kl_cpu.h spread
-// over rows with at::parallel_for.
+// CPU implementation of tike_cuda::topk_kl, its backward and its shard pass (topk_kl_shard):
+// the shared preparation (csrc/ops_prepare.h), then the torch-free kernels of
+// csrc/kernels/topk_kl_cpu.h spread over rows with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,6 +22,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (c.tokens.has_value()) check_token_range(*c.tokens, c.args.V, "sampled_tokens", c.mask);
   at::parallel_for(0, c.args.N, cpu_grain_rows(c.args.V),
                    [&](int64_t b, int64_t e) { cpu::topk_kl_forward_rows(c.args, b, e); });
+  return c.outputs();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_kl_shard_cpu(
+    const at::Tensor& logits, const at::Tensor& ref, int64_t k,
+    const c10::optional<at::Tensor>& sampled, const c10::optional<at::Tensor>& mask,
+    double temperature, bool tail_bucket) {
+  const auto c = prepare_topk_kl_shard(logits, ref, k, sampled, mask, temperature, tail_bucket);
+  const auto& f = c.fwd;
+  if (f.tokens.has_value()) {  // -1: the token is on another shard
+    const at::Tensor here = f.tokens->ne(-1);
+    check_token_range(*f.tokens, f.args.V, "sampled_tokens other than -1",
+                      f.mask.has_value() ? at::Tensor(here.logical_and(*f.mask)) : here);
+  }
+  at::parallel_for(0, f.args.N, cpu_grain_rows(f.args.V),
+                   [&](int64_t b, int64_t e) { cpu::topk_kl_forward_rows(f.args, b, e); });
   return c.outputs();
 }
 
@@ -51,6 +67,7 @@ void topk_kl_backward_inplace_cpu(const at::Tensor& grad_out, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(tike_cuda, CPU, m) {
   m.impl("topk_kl", &topk_kl_cpu);
+  m.impl("topk_kl_shard", &topk_kl_shard_cpu);
   m.impl("topk_kl_backward", &topk_kl_backward_cpu);
   m.impl("topk_kl_backward_", &topk_kl_backward_inplace_cpu);
 }

@@ -77,12 +77,30 @@ struct Ops {
     const typename D::Guard guard(logits.device());
     const auto c = prepare_topk_kl_forward(logits, ref, k, sampled, old_lp, mask, temperature,
                                            union_sampled, tail_bucket);
-    if (c.args.N == 0) return c.outputs();
+    launch_topk_kl_forward(c);
+    return c.outputs();
+  }
+
+  // topk_kl's forward kernels with the shard outputs set (no host sync: a token outside
+  // [-1, V) gives a NaN row, as in topk_kl).
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_kl_shard(
+      const Tensor& logits, const Tensor& ref, int64_t k, const OptTensor& sampled,
+      const OptTensor& mask, double temperature, bool tail_bucket) {
+    D::check_logits(logits);
+    check_v(logits);
+    const typename D::Guard guard(logits.device());
+    const auto c = prepare_topk_kl_shard(logits, ref, k, sampled, mask, temperature, tail_bucket);
+    launch_topk_kl_forward(c.fwd);
+    return c.outputs();
+  }
+
+  static void launch_topk_kl_forward(const TopkKlForwardCall& c) {
+    if (c.args.N == 0) return;
     const auto plan = cuda::topk_kl_forward_plan(c.args);
-    if (plan.preselected) preselect_topk(c.logits, c.args.logits_layout, c.args.N, c.args.V, k, c.idx);
+    const TopkKlForwardArgs& a = c.args;
+    if (plan.preselected) preselect_topk(c.logits, a.logits_layout, a.N, a.V, a.k, c.idx);
     const Tensor ws = workspace(plan.workspace_bytes, c.logits);
     D::check(cuda::topk_kl_forward(c.args, plan, ptr_or_null(ws), D::stream()));
-    return c.outputs();
   }
 
   static void launch_topk_kl_backward(const TopkKlBackwardCall& c) {
@@ -216,6 +234,7 @@ struct Ops {
   // Every op of the tike_cuda schemas, for one TORCH_LIBRARY_IMPL block.
   static void register_all(torch::Library& m) {
     m.impl("topk_kl", &topk_kl);
+    m.impl("topk_kl_shard", &topk_kl_shard);
     m.impl("topk_kl_backward", &topk_kl_backward);
     m.impl("topk_kl_backward_", &topk_kl_backward_inplace);
     m.impl("full_kl", &full_kl);

@@ -12,6 +12,9 @@
 // k above kTopkSelectMaxK: the caller puts S (sorted, ties to the lower index) in
 // idx[:, :k] first; the pass then tests membership against S's k-th key instead.
 //
+// topk_kl_shard (the local pass of tike_cuda.distributed) runs the same kernels and, at the
+// end of the row, writes S~ with its logits, the pairs and the tail masses instead of the KL.
+//
 // Backward, per row: one pass over z writing g·p_j·(−shift), then the K1 entries of S~
 // patched with g·p_j·(coef − shift). The S~ entries' values are computed from z before the
 // dense pass, so grad may alias logits (in-place backward).
@@ -62,6 +65,51 @@ __device__ __forceinline__ void write_masked_row(const TopkKlForwardArgs& a, int
     a.out[n] = a.lse[2 * n] = a.lse[2 * n + 1] = a.shift[n] = 0.f;
     a.stats[n * 3] = a.stats[n * 3 + 1] = a.stats[n * 3 + 2] = 0.f;
   }
+  if (a.shard_values) {  // topk_kl_shard: S~ empty, pairs and tails 0
+    for (int64_t s = threadIdx.x; s < 2 * K1; s += kThreads)
+      a.shard_values[n * K1 * 2 + s] = -kInf;
+    if (threadIdx.x < 2)
+      a.shard_lse_q[2 * n + threadIdx.x] = a.shard_tails[2 * n + threadIdx.x] = 0.f;
+  }
+}
+
+// topk_kl_shard's outputs of row n (docs/kernels.md): S~ with its logits, both pairs
+// (M, ℓ) from the maxima mp, mq and the base-2 sums Sp, Sq relative to them (a row without
+// a finite logit holds no mass: (−inf, −inf)), and the logs of the tail masses outside S~
+// on this shard. `bad` (a NaN or +inf in either row, a token outside [−1, V)) makes the
+// pairs and the tails NaN.
+template <typename T, typename Get>
+__device__ __forceinline__ void write_shard_row(const TopkKlForwardArgs& a, int64_t n,
+                                                const T* zrow, int k, int K1, bool o_extra,
+                                                bool write_idx, Get&& get, bool bad, float mp,
+                                                double Sp, float mq, double Sq, double tp_raw,
+                                                double tq_raw) {
+  int32_t* idx = a.idx + n * K1;
+  float* v = a.shard_values + n * K1 * 2;
+  for (int s = threadIdx.x; s < K1; s += kThreads) {
+    if (s >= k && !o_extra) {
+      idx[s] = -1;
+      v[2 * s] = v[2 * s + 1] = -kInf;
+      continue;
+    }
+    float z, zr;
+    int j;
+    get(s, z, zr, j);
+    if (write_idx || s >= k) idx[s] = j;
+    v[2 * s] = bad ? load1(zrow + j) : z;  // the selection keys hold a NaN as −inf
+    v[2 * s + 1] = zr;
+  }
+  if (threadIdx.x != 0) return;
+  bad = bad || Sp != Sp || Sq != Sq || Sp == kInfD || Sq == kInfD;
+  auto log_tail = [&](double t, double S) {
+    return bad ? NAN : t > 0.0 ? float(log(t / S)) : -kInf;
+  };
+  a.lse[2 * n] = bad ? NAN : mp;
+  a.lse[2 * n + 1] = bad ? NAN : float(kLn2 * log2(Sp));
+  a.shard_lse_q[2 * n] = bad ? NAN : mq;
+  a.shard_lse_q[2 * n + 1] = bad ? NAN : float(kLn2 * log2(Sq));
+  a.shard_tails[2 * n] = a.tail_bucket ? log_tail(tp_raw, Sp) : 0.f;
+  a.shard_tails[2 * n + 1] = a.tail_bucket ? log_tail(tq_raw, Sq) : 0.f;
 }
 
 // From the final S (entry(s, z, zr, j) for s < k, best first) and the tail sums: the
@@ -79,7 +127,7 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
     const int64_t t = a.sampled_tokens[n];
     if (t >= 0 && t < a.V) {
       o = int(t);
-    } else {
+    } else if (!(a.shard_values && t == -1)) {  // topk_kl_shard: −1 is on another shard
       bad = true;  // a token out of range poisons its row instead of reading out of bounds
     }
   }
@@ -135,6 +183,11 @@ __device__ __forceinline__ void finalize_row(const FwdParams& P, int64_t n, cons
   const double tp_raw = from_tail(ts.s_p, ts.R_p, dmp), tq_raw = from_tail(ts.s_q, ts.R_q, dmq);
   double Sp = tp_raw + hp;
   const double Sq = tq_raw + hq;
+  if (a.shard_values) {  // topk_kl_shard: the local pass only, without the KL
+    write_shard_row(a, n, zrow, k, K1, o_extra, write_idx, get, bad, mp, Sp, mq, Sq, tp_raw,
+                    tq_raw);
+    return;
+  }
   // A NaN anywhere in either row, a +inf logit (inf − inf) or a row without a finite
   // logit (Sp = 0: lse_p = −inf) leaves p or q undefined: every output of the row is NaN
   // (out, coef, shift, so the whole gradient row is NaN), as in the reference.

@@ -29,6 +29,12 @@ struct TopkKlForwardArgs {
   float* coef = nullptr;    // [N, K1]
   float* shift = nullptr;   // [N]
   float* stats = nullptr;   // [N, 3]
+  // topk_kl_shard (the local pass of tike_cuda.distributed) only; null otherwise. When set,
+  // the kernels write idx, lse and these instead of the KL (out, coef, shift and stats are
+  // not written), and a sampled token of -1 means "not on this shard" (no slot, no error).
+  float* shard_values = nullptr;  // [N, K1, 2]: (z, zr) at idx; -inf at -1 slots
+  float* shard_lse_q = nullptr;   // [N, 2]: the pair of ref_logits, as lse
+  float* shard_tails = nullptr;   // [N, 2]: log Σ_{v∉S~} p_v, q_v on the shard (tail_bucket)
 };
 
 struct TopkKlBackwardArgs {

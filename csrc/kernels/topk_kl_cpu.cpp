@@ -4,6 +4,8 @@
 //                   of p, each an online log-sum-exp of its own over the entries outside
 //                   S~, so a tiny tail neither cancels against 1 − head nor underflows);
 //   K1 gathers    : the partial KL, its backward coefficients and the audit stats.
+// topk_kl_shard (tike_cuda.distributed's local pass) runs both passes and then writes S~
+// with its logits, the pairs and the tails instead of the K1 terms.
 // The backward makes one pass over z writing the dense gradient, S~ entries included.
 // Compiled once per instruction-set path (cpu_simd.h, TIKE_CPU_KERNEL).
 #include "topk_kl_cpu.h"
@@ -94,6 +96,37 @@ TIKE_INLINE RefPass scan_reference_row(const void* zrow, const void* qrow, DType
   return out;
 }
 
+// topk_kl_shard's outputs of row r (docs/kernels.md), idx already written: the logits at
+// S~, both pairs and the logs of the shard's tail masses. A NaN (or +inf) in either row
+// makes both pairs and the tails NaN, as the CUDA kernel's single NaN flag does.
+TIKE_INLINE void write_shard_row(const TopkKlForwardArgs& a, int64_t r, const void* zrow,
+                                 const void* qrow, LsePair lse_p, RefPass ref) {
+  const int32_t* idx = a.idx + r * a.K1;
+  float* v = a.shard_values + r * a.K1 * 2;
+  for (int64_t slot = 0; slot < a.K1; ++slot) {
+    const bool here = idx[slot] >= 0;
+    v[2 * slot] = here ? load_one(zrow, a.dtype, idx[slot]) : -kInf;
+    v[2 * slot + 1] = here ? load_one(qrow, a.dtype, idx[slot]) : -kInf;
+  }
+  if (std::isnan(lse_p.max) || std::isnan(ref.lse_q.max)) {
+    lse_p = ref.lse_q = LsePair{kNaN, kNaN};
+    ref.log_tail_p = ref.log_tail_q = double(kNaN);
+  }
+  a.lse[2 * r] = lse_p.max;
+  a.lse[2 * r + 1] = lse_p.log_sum;
+  a.shard_lse_q[2 * r] = ref.lse_q.max;
+  a.shard_lse_q[2 * r + 1] = ref.lse_q.log_sum;
+  a.shard_tails[2 * r] = a.tail_bucket ? float(ref.log_tail_p) : 0.f;
+  a.shard_tails[2 * r + 1] = a.tail_bucket ? float(ref.log_tail_q) : 0.f;
+}
+
+// A masked row of topk_kl_shard: S~ empty, pairs and tails 0 (its rows are never read).
+TIKE_INLINE void write_masked_shard_row(const TopkKlForwardArgs& a, int64_t r) {
+  std::fill(a.shard_values + r * a.K1 * 2, a.shard_values + (r + 1) * a.K1 * 2, -kInf);
+  std::fill(a.shard_lse_q + 2 * r, a.shard_lse_q + 2 * r + 2, 0.f);
+  std::fill(a.shard_tails + 2 * r, a.shard_tails + 2 * r + 2, 0.f);
+}
+
 template <class S>
 TIKE_INLINE void forward_row(const TopkKlForwardArgs& a, int64_t r, Scratch& sc) {
   const int64_t K1 = a.K1;
@@ -103,6 +136,7 @@ TIKE_INLINE void forward_row(const TopkKlForwardArgs& a, int64_t r, Scratch& sc)
   if (a.mask && !a.mask[r]) {  // masked rows are never read
     a.out[r] = a.shift[r] = a.lse[2 * r] = a.lse[2 * r + 1] = 0.f;
     std::fill(idx, idx + K1, -1);
+    if (a.shard_values) write_masked_shard_row(a, r);
     std::fill(coef, coef + K1, 0.f);
     std::fill(stats, stats + 3, 0.f);
     return;
@@ -119,6 +153,10 @@ TIKE_INLINE void forward_row(const TopkKlForwardArgs& a, int64_t r, Scratch& sc)
 
   const RefPass ref =
       scan_reference_row<S>(zrow, qrow, a.dtype, a.V, s, lse_p, a.tail_bucket, sc);
+  if (a.shard_values) {  // topk_kl_shard: the local pass only, without the KL
+    write_shard_row(a, r, zrow, qrow, lse_p, ref);
+    return;
+  }
 
   double lp_o = 0.0, ratio = 1.0;
   if (tok >= 0) lp_o = lse_p.logp(load_one(zrow, a.dtype, tok), s);

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..reference import TopkStats
-from . import _first_order, _group, _lse, _pack
+from . import _first_order, _group, _lse, _pack, _shard_op  # noqa: F401 (registers the op)
 
 __all__ = ["vocab_parallel_topk_kl", "payload_bytes"]
 
@@ -109,59 +109,43 @@ def _local_pass(z: Tensor, zr: Tensor, k: int, tok: Optional[Tensor], live: Opti
     logits z, zr [N, k] (logits dtype), and float32 [N, n] (M_p, ℓ_p, M_q, ℓ_q[, z_o,
     zr_o][, log t_p, log t_q]) — the pairs of :mod:`._lse`, the sampled token's logits
     where this shard owns it (0 elsewhere), the log of the local tail masses outside the
-    candidates (and o), relative to the shard's own mass.
+    candidates C_i = S_i (∪ o when it joins S~ and lies here), relative to the shard's
+    own mass.
 
-    Passes over the shard: topk_indices (z), token_logprobs' lse (z, and zr); with the
-    tail bucket sparse_reference's direct tail sums (z, and zr) as well.
+    One call of ``topk_kl_shard``: topk_kl's passes over the shard (one over z, one over
+    zr) without its combination; then gathers of the sampled token's two logits.
     Returns (fields, lse_like): lse_like is a saved lse of the ops, for its layout.
     """
     V_i = z.shape[-1]
     lead = z.shape[:-1]
     N = z.numel() // V_i
-    dev = z.device
-    n_stats = 4 + (2 if tok is not None else 0) + (2 if bucket else 0)
-    ids = torch.full((N, k), -1, dtype=torch.int32, device=dev)
-    vz = torch.full((N, k), -_INF, dtype=z.dtype, device=dev)
-    vzr = torch.full((N, k), -_INF, dtype=z.dtype, device=dev)
-    stats = torch.zeros((N, n_stats), dtype=torch.float32, device=dev)
     k_i = min(k, V_i)
-    S = _op.topk_indices(z, k_i, live)                                   # [N, k_i], local
-    S_at = S.clamp_min(0).long().reshape(*lead, k_i)
-    taken = S >= 0
-    ids[:, :k_i] = torch.where(taken, S + layout.offset, S)
-    vz[:, :k_i] = torch.where(taken, z.gather(-1, S_at).reshape(N, k_i), vz[:, :k_i])
-    vzr[:, :k_i] = torch.where(taken, zr.gather(-1, S_at).reshape(N, k_i), vzr[:, :k_i])
-
-    zero = torch.zeros((), dtype=torch.int64, device=dev)
-    owned = None
-    local_tok = torch.zeros(N, dtype=torch.int64, device=dev)  # any valid id: lse only
+    owned = local_tok = None
     if tok is not None:
         owned = layout.owned(tok)
         if live is not None:
             owned = owned & live
-        local_tok = torch.where(owned, tok - layout.offset, zero)
-    lse_p = _op.token_logprobs(z, local_tok, tau, False)[2]
-    lse_q = _op.token_logprobs(zr, local_tok, tau, False)[2]
-    stats[:, 0], stats[:, 1] = _lse.local_pair(lse_p)
-    stats[:, 2], stats[:, 3] = _lse.local_pair(lse_q)
+        local_tok = torch.where(owned, tok - layout.offset, torch.full_like(tok, -1))
+    idx, vals, lse_p, lse_q, tails = _op.topk_kl_shard(
+        z, zr, k_i, local_tok if union else None, live, tau, bucket)
+
+    S = idx[:, :k_i]  # the candidates travel; the sampled token's slot k_i does not
+    ids = torch.where(S >= 0, S + layout.offset, S)
+    # The logits travel in their own dtype: exact, being conversions of that dtype.
+    vz, vzr = vals[:, :k_i, 0].to(z.dtype), vals[:, :k_i, 1].to(z.dtype)
+    if k_i < k:
+        pad = k - k_i
+        ids = torch.cat([ids, ids.new_full((N, pad), -1)], 1)
+        vz = torch.cat([vz, vz.new_full((N, pad), -_INF)], 1)
+        vzr = torch.cat([vzr, vzr.new_full((N, pad), -_INF)], 1)
+    cols = [*_lse.local_pair(lse_p), *_lse.local_pair(lse_q)]
     if tok is not None:
-        at = local_tok.reshape(*lead, 1)
-        fzero = torch.zeros((), dtype=torch.float32, device=dev)
-        stats[:, 4] = torch.where(owned, z.gather(-1, at).reshape(N).float(), fzero)
-        stats[:, 5] = torch.where(owned, zr.gather(-1, at).reshape(N).float(), fzero)
+        at = torch.where(owned, local_tok, torch.zeros_like(local_tok)).reshape(*lead, 1)
+        zero = torch.zeros((), dtype=torch.float32, device=z.device)
+        cols += [torch.where(owned, x.gather(-1, at).reshape(N).float(), zero) for x in (z, zr)]
     if bucket:
-        # The local candidates C_i = S_i (∪ o when it joins S~ and lies here); a row
-        # without o here names S_i's first entry, already in the support (no extra slot).
-        extra = None
-        if tok is not None and union:
-            extra = torch.where(owned, local_tok, S[:, 0].long().clamp_min(0))
-        for col, x, lse in ((n_stats - 2, z, lse_p), (n_stats - 1, zr, lse_q)):
-            tail = _op.sparse_reference(x, S, extra, live, tau)[2]
-            # A shard row without a finite logit has no mass: sparse_reference calls it
-            # undefined (NaN); a NaN in the row is caught by its lse instead.
-            empty = _lse.local_pair(lse)[1] == -_INF
-            stats[:, col] = torch.where(empty, torch.full_like(tail, -_INF), tail)
-    return (ids, vz, vzr, stats), lse_p
+        cols += [tails[:, 0], tails[:, 1]]
+    return (ids.contiguous(), vz.contiguous(), vzr.contiguous(), torch.stack(cols, 1)), lse_p
 
 
 # ------------------------------------------------------------------ the combine
