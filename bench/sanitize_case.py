@@ -5,7 +5,7 @@
 Paths: one CTA per row and split rows (few rows of a long vocabulary), odd V (misaligned
 rows), a strided [B, T, V] view, k above the register selection (sorted path), the
 in-place backward, masks, fp32 and bf16; the fixed-support ops (topk_indices,
-sparse_reference, topk_kl_sparse and its backward). Sizes are tiny: the tools slow kernels down a lot.
+sparse_reference, topk_kl_sparse and its backward) and topk_kl_shard. Sizes are tiny: the tools slow kernels down a lot.
 """
 import torch
 
@@ -38,6 +38,8 @@ def run(N, V, k, dtype, strided=False):
     sidx, slp, stail = OPS.sparse_reference(zr, support, tok, mask, 0.8)
     so, slse, scoef, sshift, _ = OPS.topk_kl_sparse(z, sidx, slp, stail, tok, old, mask, 0.8, True)
     OPS.topk_kl_backward(go, z, slse, sidx, scoef, sshift, mask, 0.8)
+    # The vocabulary-parallel local pass: a token of -1 is on another shard.
+    OPS.topk_kl_shard(z, zr, min(k, V), torch.where(tok % 3 == 0, -1, tok), mask, 0.8, True)
     torch.cuda.synchronize()
 
 
