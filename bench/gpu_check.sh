@@ -44,6 +44,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" = "$SRC_HASH" ] && \
    (cd /tmp && $PY -c "import tike_cuda, sys; sys.exit(not tike_cuda.built_with_cuda())") 2>/dev/null; then
   echo "build: reusing the installed build of this tree ($SRC_HASH)"
   RC[build]=0
+  STEPS+=(build)
 else
   run build 420 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps .
   tail -3 "$OUT/build.log"
@@ -85,7 +86,7 @@ fi
 
 echo
 echo "=== summary (rc: 0 ok, 124 timed out)"
-for s in build "${STEPS[@]}"; do printf '  %-15s rc=%s\n' "$s" "${RC[$s]}"; done
+for s in "${STEPS[@]}"; do printf '  %-15s rc=%s\n' "$s" "${RC[$s]}"; done
 for f in pytest_cuda pytest; do
   [ -f "$OUT/$f.log" ] && grep -hE "passed|failed|error" "$OUT/$f.log" | tail -1
 done
