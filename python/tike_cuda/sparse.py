@@ -261,15 +261,8 @@ def topk_kl_sparse(logits: Tensor, ref: SparseReference, k, *, sampled_tokens, o
     from one pass over each policy row (log-sum-exp, and the policy's tail mass for
     ``tail="bucket"``) and K1 gathers."""
     _checks.logits(logits)
-    mask = _checks.mask(mask, logits)
-    sampled_tokens = _checks.tokens(sampled_tokens, logits, "sampled_tokens", mask)
-    old_logprobs = _checks.per_token(old_logprobs, logits, "old_logprobs", "float")
-    if old_logprobs is not None and sampled_tokens is None:
-        raise ValueError("old_logprobs needs sampled_tokens (the IS weight is taken at the sampled token)")
-    temperature = _checks.temperature(temperature)
-    _checks.flag(union_sampled, "union_sampled")
-    _checks.choice(tail, "tail", ("none", "bucket"))
-    _checks.flag(return_stats, "return_stats")
+    mask, sampled_tokens, old_logprobs, temperature = _checks.topk_options(
+        logits, mask, sampled_tokens, old_logprobs, temperature, union_sampled, tail, return_stats)
     _checks.flag(inplace_backward, "inplace_backward")
     _checks.sparse_ref(ref, logits, k, sampled_tokens, union_sampled, mask)
 

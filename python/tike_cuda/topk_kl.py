@@ -13,7 +13,6 @@ from .sparse import SparseReference, topk_kl_sparse
 
 __all__ = ["topk_kl", "TopkStats"]
 
-_TAILS = ("none", "bucket")
 _op = torch.ops.tike_cuda
 
 
@@ -72,15 +71,8 @@ def topk_kl(logits: Tensor, ref_logits: Tensor, k: int = 16, *,
     _checks.logits(logits)
     _checks.like_logits(ref_logits, logits, "ref_logits")
     k = _checks.k_value(k, logits.shape[-1])
-    mask = _checks.mask(mask, logits)
-    sampled_tokens = _checks.tokens(sampled_tokens, logits, "sampled_tokens", mask)
-    old_logprobs = _checks.per_token(old_logprobs, logits, "old_logprobs", "float")
-    if old_logprobs is not None and sampled_tokens is None:
-        raise ValueError("old_logprobs needs sampled_tokens (the IS weight is taken at the sampled token)")
-    temperature = _checks.temperature(temperature)
-    _checks.flag(union_sampled, "union_sampled")
-    _checks.choice(tail, "tail", _TAILS)
-    _checks.flag(return_stats, "return_stats")
+    mask, sampled_tokens, old_logprobs, temperature = _checks.topk_options(
+        logits, mask, sampled_tokens, old_logprobs, temperature, union_sampled, tail, return_stats)
     _checks.flag(inplace_backward, "inplace_backward")
 
     args = (logits, ref_logits.detach(), k, _checks.rows(sampled_tokens, torch.int64),
