@@ -96,7 +96,8 @@ def _extensions():
 
 # What tike_cuda.testing.load_emulated() compiles (the CPU emulation of the CUDA kernels),
 # shipped as package data so that it also works from an installed package.
-_EMU_SOURCES = ("emu/*.h", "emu/*.cpp", "cuda/*.h", "kernels/*.cuh", "kernels/*.h", "*.h")
+_EMU_SOURCES = ("emu/*.h", "emu/*.cpp", "cuda/*.h", "kernels/*.cuh", "kernels/*.h", "*.h",
+                "cpu/grad_cache.*")
 
 
 class _BuildPy(build_py):

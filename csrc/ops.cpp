@@ -83,19 +83,43 @@ TORCH_LIBRARY(tike_cuda, m) {
 
 #include <exception>
 
+#include "cpu/grad_cache.h"
 #include "kernels/cpu_isa.h"
+
+namespace {
+
+// tike_cuda.cpu_grad_cache_info(): (idle_blocks, idle_bytes, hits, misses, cap_bytes).
+PyObject* py_cpu_grad_cache_info(PyObject*, PyObject*) {
+  const tike::CpuGradCacheInfo i = tike::cpu_grad_cache_info();
+  return Py_BuildValue("(LLLLL)", (long long)i.idle_blocks, (long long)i.idle_bytes,
+                       (long long)i.hits, (long long)i.misses, (long long)i.cap_bytes);
+}
+
+PyObject* py_cpu_grad_cache_clear(PyObject*, PyObject*) {
+  tike::cpu_grad_cache_clear();
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_grad_cache_info", py_cpu_grad_cache_info, METH_NOARGS, nullptr},
+    {"cpu_grad_cache_clear", py_cpu_grad_cache_clear, METH_NOARGS, nullptr},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
 
 extern "C" PyObject* PyInit__C(void) {
   // The CPU kernels' instruction-set path is chosen here, at import: a TIKE_CPU_ISA this
   // CPU cannot run fails the import with the reason instead of the first op call.
+  // Likewise a malformed TIKE_CPU_GRAD_CACHE_MB.
   const char* cpu_isa = nullptr;
   try {
     cpu_isa = tike::cpu::isa_name(tike::cpu::active_isa());
+    (void)tike::cpu_grad_cache_info();
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ImportError, e.what());
     return nullptr;
   }
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "tike_cuda kernels", -1, nullptr};
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "tike_cuda kernels", -1, methods};
   PyObject* m = PyModule_Create(&def);
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "CPU_ISA", cpu_isa);

@@ -7,10 +7,7 @@
 
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "cpu/grad_cache.h"
 #include "kernels/row_layout.h"
 
 namespace tike {
@@ -105,21 +102,12 @@ inline const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-// The N x V gradient: a fresh contiguous tensor of the logits' shape and dtype. On a
-// Linux CPU a large one is asked for transparent huge pages before its first touch:
-// faulting it in 4 KiB at a time costs more than computing the gradient.
+// The N x V gradient: a contiguous tensor of the logits' shape and dtype, uninitialized
+// (the backwards write every element). On the CPU it comes from the gradient cache
+// (csrc/cpu/grad_cache.h): faulting in fresh memory costs more than computing it.
 inline at::Tensor empty_grad_like(const at::Tensor& logits) {
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (grad.device().is_cpu() && grad.nbytes() >= 4 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(grad.data_ptr());
-    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t hi = (p + grad.nbytes()) & ~(kHuge - 1);
-    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-  }
-#endif
-  return grad;
+  if (logits.device().is_cpu()) return cpu_cached_empty(logits.sizes(), logits.scalar_type());
+  return at::empty(logits.sizes(), logits.options());
 }
 
 inline at::TensorOptions f32_like(const at::Tensor& t) {

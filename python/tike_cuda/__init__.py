@@ -24,7 +24,7 @@ from . import distributed  # vocabulary-parallel ops (tike_cuda.distributed.voca
 __version__ = "0.1.0"
 __all__ = ["topk_kl", "full_kl", "token_logprobs", "kl_penalty", "per_token_kl", "TopkStats",
            "grpo", "built_with_cuda", "cpu_isa", "cpu_isas", "topk_indices", "sparse_reference",
-           "SparseReference", "distributed"]
+           "SparseReference", "distributed", "cpu_grad_cache_info", "empty_cpu_grad_cache"]
 
 
 def built_with_cuda() -> bool:
@@ -42,6 +42,27 @@ def cpu_isa() -> str:
 def cpu_isas() -> tuple:
     """Every CPU path this machine can run, best first (what ``TIKE_CPU_ISA`` may name)."""
     return tuple(s.strip() for s in _C.CPU_ISAS.split(",") if s.strip())
+
+
+def cpu_grad_cache_info() -> dict:
+    """The cache of CPU gradient buffers: the backwards' [N, V] gradients come from it.
+
+    A fresh buffer of that size is mapped and zeroed by the OS a page at a time on first
+    touch, which costs more than computing the gradient; a training loop frees the
+    gradient of the logits within its backward, so the next step takes the same mapped
+    memory back (as CUDA's caching allocator does). Buffers of 1 MiB and more are kept once
+    no tensor uses them, up to ``cap_bytes`` of idle memory (``TIKE_CPU_GRAD_CACHE_MB``,
+    read at import, default 2048; 0 turns the cache off). Returns ``idle_blocks``,
+    ``idle_bytes`` (held now, unused), ``hits`` and ``misses`` (requests served from the
+    cache and by fresh memory) and ``cap_bytes``.
+    """
+    keys = ("idle_blocks", "idle_bytes", "hits", "misses", "cap_bytes")
+    return dict(zip(keys, _C.cpu_grad_cache_info()))
+
+
+def empty_cpu_grad_cache() -> None:
+    """Returns the idle CPU gradient buffers (``cpu_grad_cache_info``) to the OS."""
+    _C.cpu_grad_cache_clear()
 
 
 def _check_cuda_match() -> None:

@@ -7,7 +7,9 @@
   ``torch.cuda.max_memory_allocated`` minus the allocation before the call (outputs and
   gradients included). CPU: growth of the process's peak resident set (VmHWM, reset
   through ``/proc/self/clear_refs``) over the resident set before the call — memory the
-  allocator newly touched; NaN where the reset is not allowed (not Linux).
+  allocator newly touched; NaN where the reset is not allowed (not Linux). tike_cuda's
+  idle CPU gradient buffers (``tike_cuda.cpu_grad_cache_info``) are returned to the OS
+  first, so that a gradient the call takes from that cache counts as memory it needs.
 """
 from __future__ import annotations
 
@@ -100,6 +102,9 @@ def peak_extra_mib(fn: Callable, device: torch.device) -> float:
         peak = torch.cuda.max_memory_allocated(device)
         del out
         return (peak - base) / 2**20
+    import tike_cuda
+
+    tike_cuda.empty_cpu_grad_cache()
     if not reset_peak_rss():
         return float("nan")
     base = proc_status_kib("VmRSS")

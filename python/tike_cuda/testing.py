@@ -39,8 +39,9 @@ __all__ = ["load_emulated", "emulated_cuda", "set_thread_order", "counters", "wa
 ORDERS = ("forward", "reversed", "shuffled")
 
 # Compiled sources (relative to csrc/); every header they include is hashed as well.
-_SOURCES = ("emu/ops_emu.cpp", "emu/runtime.cpp", "emu/fiber.cpp", "emu/selftest.cpp")
-_HASHED = ("emu/*", "cuda/*.h", "kernels/*.cuh", "kernels/*.h", "*.h")
+_SOURCES = ("emu/ops_emu.cpp", "emu/runtime.cpp", "emu/fiber.cpp", "emu/selftest.cpp",
+            "cpu/grad_cache.cpp")
+_HASHED = ("emu/*", "cuda/*.h", "kernels/*.cuh", "kernels/*.h", "*.h", "cpu/grad_cache.*")
 # No -ffast-math ever (NaN/inf semantics are what the tests check). -fno-extern-tls-init:
 # the `extern __shared__` arrays are thread_local and defined in the same library.
 # -fno-strict-aliasing: the kernels read bf16/fp16 through uint16_t and uint4.
