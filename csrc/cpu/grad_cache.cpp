@@ -9,9 +9,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #define TIKE_GRAD_CACHE_MMAP 1
 #else
@@ -111,7 +113,13 @@ class GradCacheAllocator final : public c10::Allocator {
   }
 
  private:
-  GradCacheAllocator() : cap_(cap_from_env()) {}
+  GradCacheAllocator() : cap_(cap_from_env()) {
+#if TIKE_GRAD_CACHE_MMAP
+    // A fork (a DataLoader worker) while another thread holds the lock would leave the
+    // child's copy locked for good: the child starts with a fresh one.
+    pthread_atfork(nullptr, nullptr, [] { new (&get().mu_) std::mutex(); });
+#endif
+  }
 
   // The smallest idle block of at least `size` bytes and at most 1.5x that, the most
   // recently released of equal ones (its lines are likelier still in cache), or null.
