@@ -1,4 +1,5 @@
-"""The CPU kernels built for aarch64 (the NEON path), run under an emulator.
+"""The CPU kernels on CPUs this machine is not, run under an emulator: aarch64 (the NEON
+path) and x86-64 CPU models without AVX-512.
 
 There is no aarch64 torch to build the extension against, but its CPU kernels
 (csrc/kernels/*_cpu.cpp) are torch-free: tests/cpu_kernels_driver.cpp runs them on inputs
@@ -9,7 +10,14 @@ aarch64 outputs are compared with the float64 reference and with the extension's
 op tests' tolerances. Not covered on aarch64: the Python layer and the C++ glue (no torch
 there), thread splitting (one call over all rows), speed (an emulator says nothing of it).
 
-Needs g++, aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: g++-aarch64-linux-gnu,
+The native driver also runs under qemu-x86_64 as an AMD EPYC (Rome: AVX2 and FMA, no
+AVX-512) and as qemu's baseline x86-64 CPU (SSE2), choosing its path itself: it must pick
+avx2 and sse2 there and give the same bits as the native driver forced onto those paths.
+QEMU does not implement AVX-512, so an AVX-512 instruction leaking into the AVX2 or the
+baseline code (which a forced path on an AVX-512 machine would run without complaint)
+fails here as it would on an AVX2-only machine.
+
+Needs g++, aarch64-linux-gnu-g++, qemu-aarch64 and qemu-x86_64 (Debian: g++-aarch64-linux-gnu,
 qemu-user): without them it skips, except under CI (CI set; .ci/run installs them), where
 it fails.
 """
@@ -39,6 +47,8 @@ HEADERS = sorted((ROOT / "csrc" / "kernels").glob("*.h"))
 FLAGS = ["-std=c++20", "-O3", "-fwrapv", "-DNDEBUG", "-fno-math-errno", "-Wno-psabi"]
 COMPILERS = {"aarch64": "aarch64-linux-gnu-g++", "native": "g++"}
 QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
+# x86-64 CPU models for qemu-x86_64 (its TCG has no AVX-512) -> the path the driver must pick.
+X86_MODELS = {"EPYC-Rome": "avx2", "qemu64": "sse2"} if os.uname().machine == "x86_64" else {}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # tike::DType
 op = torch.ops.tike_cuda
@@ -47,7 +57,8 @@ op = torch.ops.tike_cuda
 @pytest.fixture(scope="module")
 def drivers():
     """The driver for aarch64 and for this machine, built once per source version."""
-    missing = [t for t in [*COMPILERS.values(), QEMU[0]] if shutil.which(t) is None]
+    needed = [*COMPILERS.values(), QEMU[0]] + (["qemu-x86_64"] if X86_MODELS else [])
+    missing = [t for t in needed if shutil.which(t) is None]
     if missing:
         why = (f"{', '.join(missing)} not found (Debian packages g++-aarch64-linux-gnu and "
                "qemu-user)")
@@ -77,14 +88,22 @@ def drivers():
         return dict(zip(COMPILERS, pool.map(build, COMPILERS)))
 
 
-def _driver(drivers, arch, *args, env=None):
-    cmd = ([*QEMU] if arch == "aarch64" else []) + [str(drivers[arch]), *args]
+def _driver(drivers, arch, *args, env=None, isa=None):
+    """Runs a driver: "aarch64" under qemu-aarch64, "native" on the extension's path (or on
+    `isa`), an X86_MODELS name: the native driver under qemu-x86_64 as that CPU."""
+    if arch == "aarch64":
+        cmd = [*QEMU, str(drivers[arch])]
+    elif arch in X86_MODELS:
+        cmd = ["qemu-x86_64", "-cpu", arch, str(drivers["native"])]
+    else:
+        cmd = [str(drivers[arch])]
     env = dict(os.environ if env is None else env)
     if arch == "native":  # the extension's path, for a bitwise comparison
-        env["TIKE_CPU_ISA"] = tike_cuda.cpu_isa()
-    else:
+        env["TIKE_CPU_ISA"] = isa or tike_cuda.cpu_isa()
+    else:  # the emulated CPU picks its own
         env.pop("TIKE_CPU_ISA", None)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 def _raw(t):
@@ -132,20 +151,28 @@ class Case:
 
 def run_cases(drivers, cases, tmp_path):
     """Each case's outputs from the aarch64 driver; the native driver's must equal the
-    extension's bit for bit."""
+    extension's bit for bit, and on each X86_MODELS CPU the native driver's forced onto the
+    path that CPU picks."""
     dirs = [tmp_path / f"{i}_{c.name}" for i, c in enumerate(cases)]
     for c, d in zip(cases, dirs):
         c.write(d)
-    results = {}
-    for arch in ("native", "aarch64"):
-        r = _driver(drivers, arch, "run", *map(str, dirs))
+
+    def run(arch, isa=None):
+        r = _driver(drivers, arch, "run", *map(str, dirs), isa=isa)
         assert r.returncode == 0, f"{arch} driver failed: {r.stderr[-2000:]}"
-        results[arch] = [c.read(d) for c, d in zip(cases, dirs)]
-    for c, got in zip(cases, results["native"]):
+        return [c.read(d) for c, d in zip(cases, dirs)]
+
+    for model, isa in X86_MODELS.items():
+        for c, want, got in zip(cases, run("native", isa), run(model)):
+            for name in c.expected:
+                torch.testing.assert_close(
+                    got[name], want[name], rtol=0, atol=0, equal_nan=True,
+                    msg=lambda m: f"{model} (auto) against native {isa}, {c.name}.{name}: {m}")
+    for c, got in zip(cases, run("native")):
         for name, want in c.expected.items():
             torch.testing.assert_close(got[name], want, rtol=0, atol=0, equal_nan=True,
                                        msg=lambda m: f"native driver, {c.name}.{name}: {m}")
-    return results["aarch64"]
+    return run("aarch64")
 
 
 def assert_grad_rows(actual, expected, dtype):
@@ -225,6 +252,19 @@ def test_the_aarch64_build_runs_the_neon_path(drivers):
         asm = subprocess.run([objdump, "-d", str(drivers["aarch64"])], capture_output=True,
                              text=True).stdout
         assert asm.count(".4s") > 100, "no NEON float32x4 instructions in the aarch64 build"
+
+
+@pytest.mark.skipif(not X86_MODELS, reason="an x86-64 host runs the x86 CPU models")
+@pytest.mark.parametrize("model", list(X86_MODELS))
+def test_x86_cpu_models_pick_their_path(drivers, model):
+    r = _driver(drivers, model, "isa")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[:2] == ["isa", X86_MODELS[model]]
+    assert "avx512" not in r.stdout
+    r = subprocess.run(["qemu-x86_64", "-cpu", model, str(drivers["native"]), "isa"],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, TIKE_CPU_ISA="avx512"))
+    assert r.returncode != 0 and "cannot run the avx512 path" in r.stderr
 
 
 # ------------------------------------------------------------- the calls of each op family
