@@ -93,7 +93,8 @@ struct Simd {
     const vf lo = splat(-126.f);
     const vf yc = y < lo ? lo : y;
     const vf magic = splat(12582912.f);  // 1.5·2^23: adding it rounds to an integer
-    const vf n = (yc + magic) - magic;
+    const vf t = yc + magic;
+    const vf n = t - magic;
     const vf f = yc - n;
     vf p = splat(1.5403530393381606e-4f);
     p = p * f + 1.3333558146428443e-3f;
@@ -102,10 +103,21 @@ struct Simd {
     p = p * f + 2.4022650695910071e-1f;
     p = p * f + 6.9314718055994531e-1f;
     p = p * f + 1.f;
-    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    // n sits in the low mantissa bits of t: 2^n's exponent field without a conversion.
+    vi e;
+    std::memcpy(&e, &t, sizeof(e));
+    e = (e - 0x4B400000 + 127) << 23;
     vf scale;
     std::memcpy(&scale, &e, sizeof(scale));
-    return y < lo ? vf{} : p * scale;
+    // Below the float range: 0, by clearing the bits (an AND, not a blend).
+    const vi keep = ~(y < lo);
+    vi r;
+    const vf v = p * scale;
+    std::memcpy(&r, &v, sizeof(r));
+    r &= keep;
+    vf out;
+    std::memcpy(&out, &r, sizeof(out));
+    return out;
   }
   // exp(x) = 2^(x·log2 e), for the few places that have no scale to fold it into.
   static TIKE_INLINE vf exp(vf x) { return exp2(x * kLog2e); }
