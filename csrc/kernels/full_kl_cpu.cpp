@@ -96,25 +96,19 @@ TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb,
   // p_j = exp(dz_j − ℓ_p), p_j (L_j − KL) = p_j (dz_j − (ℓ_p − ℓ_q + KL)) − (p_j/τ)(zr_j − M_q)
   const vf vMp = S::splat(Mp), vMq = S::splat(Mq), vlp = S::splat(lp);
   const vf dl = S::splat(lp - lq + a.out[r]);
+  auto term = [&](vf z, vf q) TIKE_LAMBDA_INLINE {
+    const vf dz = (z - vMp) * s, p = S::exp(dz - vlp);
+    const vf g = (p * (dz - dl) - (p * s) * (q - vMq)) * gs;
+    return p != 0.f ? g : vf{};
+  };
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
-    const int npad = S::padded(n);
-    float* out = tile_dst<S>(grow, a.dtype, j0, n, zb);
-    if (skip) {  // masked rows: zero gradient, inputs not read
-      std::fill(out, out + n, 0.f);
-    } else {
-      const float* z = tile_src<S>(zrow, a.dtype, j0, n, zb);
-      const float* q = tile_src<S>(qrow, a.dtype, j0, n, qb, 0.f);
-      const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
-      const NextTile next_q = next_tile(qrow, a.dtype, j0, a.V);
-      for (int i = 0; i < npad; i += S::kLanes) {
-        next_z.at(i);
-        next_q.at(i);
-        const vf dz = (S::load(z + i) - vMp) * s, p = S::exp(dz - vlp);
-        const vf g = (p * (dz - dl) - (p * s) * (S::load(q + i) - vMq)) * gs;
-        S::store(out + i, p != 0.f ? g : vf{});
-      }
+    if (!skip) {
+      map_tile<S>(grow, zrow, qrow, a.dtype, j0, n, a.V, zb, qb, term);
+      continue;
     }
+    float* out = tile_dst<S>(grow, a.dtype, j0, n, zb);  // masked rows: zero gradient,
+    std::fill(out, out + n, 0.f);                         // inputs not read
     finish_tile(grow, a.dtype, j0, n, out, zb);
   }
 }

@@ -67,30 +67,28 @@ TIKE_INLINE void backward_row(const TokenLogprobsBackwardArgs& a, int64_t r, flo
   // p_j = 2^((z_j − M)·c − ℓ·log2 e), c = log2(e)/τ (the exp's own scale folded in)
   const float c = s * kLog2e;
   const vf vl2 = S::splat(l * kLog2e), dense = S::splat(-g_lp * s);
-  for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
-    const int n = int(std::min<int64_t>(kTile, a.V - j0));
-    const int npad = S::padded(n);
-    const float* z = tile_src<S>(zrow, a.dtype, j0, n, zb);
-    float* out = tile_dst<S>(grow, a.dtype, j0, n, zb);
-    // −(1/τ) p_j [g_lp + g_H (log p_j + H)]; the token's +g_lp/τ is added below
-    const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
-    if (g_h == 0.f) {  // no entropy gradient (the common case): −(g_lp/τ) p_j, one exp2
-      for (int i = 0; i < npad; i += S::kLanes) {
-        next_z.at(i);
-        const vf p = S::exp2((S::load(z + i) - vM) * c - vl2);
-        S::store(out + i, p != 0.f ? p * dense : vf{});
-      }
-    } else {
-      for (int i = 0; i < npad; i += S::kLanes) {
-        next_z.at(i);
-        const vf lpj = (S::load(z + i) - vM) * s - vl, p = S::exp(lpj);
-        const vf gj = p * (g_h * (lpj + H) + g_lp) * -s;
-        S::store(out + i, p != 0.f ? gj : vf{});
-      }
+  // −(1/τ) p_j [g_lp + g_H (log p_j + H)]; the token's +g_lp/τ is added after.
+  // No entropy gradient (the common case): one exp2.
+  auto lp_only = [&](vf z, vf) TIKE_LAMBDA_INLINE {
+    const vf p = S::exp2((z - vM) * c - vl2);
+    return p != 0.f ? p * dense : vf{};
+  };
+  auto with_entropy = [&](vf z, vf) TIKE_LAMBDA_INLINE {
+    const vf lpj = (z - vM) * s - vl, p = S::exp(lpj);
+    const vf gj = p * (g_h * (lpj + H) + g_lp) * -s;
+    return p != 0.f ? gj : vf{};
+  };
+  auto row = [&](auto f) TIKE_LAMBDA_INLINE {
+    for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
+      const int n = int(std::min<int64_t>(kTile, a.V - j0));
+      const bool here = tok >= j0 && tok < j0 + n;
+      const float zt = here ? load_one(zrow, a.dtype, tok) : 0.f;  // before grad overwrites it
+      map_tile<S>(grow, zrow, nullptr, a.dtype, j0, n, a.V, zb, nullptr, f);
+      if (here) store_one(grow, a.dtype, tok, f(S::splat(zt), vf{})[0] + g_lp * s);
     }
-    if (tok >= j0 && tok < j0 + n) out[tok - j0] += g_lp * s;
-    finish_tile(grow, a.dtype, j0, n, out, zb);
-  }
+  };
+  if (g_h == 0.f) row(lp_only);
+  else row(with_entropy);
 }
 
 template <class S>

@@ -200,27 +200,23 @@ TIKE_INLINE void backward_row(const TopkKlBackwardArgs& a, int64_t r, Scratch& s
   const void* zrow = row_ptr(a.logits, a.dtype, a.logits_layout, r);
   const vf vM = S::splat(M), vl = S::splat(l2), dense = S::splat(-g * sh);
   size_t sup = 0;
-  // Each tile is read before it is written, so grad may alias logits (in-place backward).
+  auto dense_term = [&](vf z, vf) TIKE_LAMBDA_INLINE {
+    return S::exp2((z - vM) * c - vl) * dense;
+  };
+  // Each element is read before it is written, so grad may alias logits (in-place backward).
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
-    const int npad = S::padded(n);
-    const float* x = tile_src<S>(zrow, a.dtype, j0, n, buf);
-    float* out = tile_dst<S>(grow, a.dtype, j0, n, buf);
     // S~ entries take g · p_j · (coef − shift) from their own logit, read before the
     // dense pass overwrites it; rounding to the output dtype happens once.
     const size_t first = sup;
     for (; sup < sc.support.size() && sc.support[sup].first < j0 + n; ++sup) {
-      const float xj = x[sc.support[sup].first - j0];
+      const float xj = load_one(zrow, a.dtype, sc.support[sup].first);
       const float p = S::exp2(S::splat((xj - M) * c) - vl)[0];
       patch[sup - first] = p != 0.f ? g * p * (coef[sc.support[sup].second] - sh) : 0.f;
     }
-    const NextTile next_z = next_tile(zrow, a.dtype, j0, a.V);
-    for (int i = 0; i < npad; i += S::kLanes) {
-      next_z.at(i);
-      S::store(out + i, S::exp2((S::load(x + i) - vM) * c - vl) * dense);
-    }
-    for (size_t e = first; e < sup; ++e) out[sc.support[e].first - j0] = patch[e - first];
-    finish_tile(grow, a.dtype, j0, n, out, buf);
+    map_tile<S>(grow, zrow, nullptr, a.dtype, j0, n, a.V, buf, nullptr, dense_term);
+    for (size_t e = first; e < sup; ++e)
+      store_one(grow, a.dtype, sc.support[e].first, patch[e - first]);
   }
 }
 
