@@ -315,18 +315,6 @@ TIKE_INLINE const float* tile_src(const void* row, DType dt, int64_t j0, int n, 
   return buf;
 }
 
-// Where a kernel computes the floats of output elements [j0, j0 + n): straight into a
-// float32 row when the tile needs no padding, else into buf (then finish_tile).
-// Plain stores, not non-temporal ones: a backward's gradient is fresh memory that the OS
-// zeroes a (huge) page at a time on first touch, which leaves its lines in cache; a
-// non-temporal store would evict them and send every line to memory once more (the fp32
-// backwards ran 20-30% slower with them through the ops, on a fresh gradient per call).
-template <class S>
-TIKE_INLINE float* tile_dst(void* row, DType dt, int64_t j0, int n, float* buf) {
-  if (dt == DType::Float32 && n % S::kLanes == 0) return static_cast<float*>(row) + j0;
-  return buf;
-}
-
 // Writes buf[0, n) as elements [j0, j0 + n) of a row of dtype dt (rounded once).
 TIKE_INLINE void store_tile(void* row, DType dt, int64_t j0, int n, const float* buf) {
   switch (dt) {
@@ -344,9 +332,10 @@ TIKE_INLINE void store_tile(void* row, DType dt, int64_t j0, int n, const float*
     }
   }
 }
-TIKE_INLINE void finish_tile(void* row, DType dt, int64_t j0, int n, const float* dst,
-                             const float* buf) {
-  if (dst == buf) store_tile(row, dt, j0, n, buf);
+
+// A row of V zeros (masked rows' gradients): +0 is all zero bits in every dtype.
+TIKE_INLINE void zero_row(void* row, DType dt, int64_t V) {
+  std::memset(row, 0, size_t(V) * size_t(dt == DType::Float32 ? 4 : 2));
 }
 
 // Writes one element of a row of dtype dt (rounded once, as store_tile).
@@ -385,7 +374,6 @@ TIKE_INLINE void store_vec(void* row, DType dt, int64_t j, typename S::vf v) {
   std::memcpy(static_cast<uint16_t*>(row) + j, &h, sizeof(h));
 }
 
-
 TIKE_INLINE const void* row_ptr(const void* base, DType dt, const RowLayout& l, int64_t n) {
   return static_cast<const char*>(base) + l.offset(n) * elem_size(dt);
 }
@@ -420,6 +408,9 @@ TIKE_INLINE NextTile next_tile(const void* row, DType dt, int64_t j0, int64_t V)
 // the dtype and n allow it, else through the buffers (zb holds z and then the output; qb
 // holds q, padded with 0). Each vector is read before its output is written, so the
 // output row may alias zrow (an in-place backward). f must be lane-wise.
+// Plain stores, not non-temporal ones: with a fresh gradient per call (before the gradient
+// cache) non-temporal stores made the fp32 backwards 20-30 % slower through the ops (the
+// OS's zeroing of a fresh page leaves its lines in cache); not re-measured since.
 template <class S, class F>
 TIKE_INLINE void map_tile(void* grow, const void* zrow, const void* qrow, DType dt, int64_t j0,
                           int n, int64_t V, float* zb, float* qb, F f) {

@@ -86,11 +86,11 @@ template <class S>
 TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb, float* qb) {
   using vf = typename S::vf;
   void* grow = static_cast<char*>(a.grad) + r * a.V * elem_size(a.dtype);
-  const bool skip = a.mask && !a.mask[r];
+  if (a.mask && !a.mask[r]) return zero_row(grow, a.dtype, a.V);  // inputs not read
   const float s = 1.f / a.temperature;
   const void* zrow = row_ptr(a.logits, a.dtype, a.logits_layout, r);
   const void* qrow = row_ptr(a.ref_logits, a.dtype, a.ref_layout, r);
-  const float gs = skip ? 0.f : a.grad_out[r] * s;
+  const float gs = a.grad_out[r] * s;
   const float Mp = a.lse_p[2 * r], lp = a.lse_p[2 * r + 1];
   const float Mq = a.lse_q[2 * r], lq = a.lse_q[2 * r + 1];
   // p_j = exp(dz_j − ℓ_p), p_j (L_j − KL) = p_j (dz_j − (ℓ_p − ℓ_q + KL)) − (p_j/τ)(zr_j − M_q)
@@ -103,13 +103,7 @@ TIKE_INLINE void backward_row(const FullKlBackwardArgs& a, int64_t r, float* zb,
   };
   for (int64_t j0 = 0; j0 < a.V; j0 += kTile) {
     const int n = int(std::min<int64_t>(kTile, a.V - j0));
-    if (!skip) {
-      map_tile<S>(grow, zrow, qrow, a.dtype, j0, n, a.V, zb, qb, term);
-      continue;
-    }
-    float* out = tile_dst<S>(grow, a.dtype, j0, n, zb);  // masked rows: zero gradient,
-    std::fill(out, out + n, 0.f);                         // inputs not read
-    finish_tile(grow, a.dtype, j0, n, out, zb);
+    map_tile<S>(grow, zrow, qrow, a.dtype, j0, n, a.V, zb, qb, term);
   }
 }
 

@@ -185,12 +185,7 @@ TIKE_INLINE void backward_row(const TopkKlBackwardArgs& a, int64_t r, Scratch& s
   using vf = typename S::vf;
   void* grow = row_ptr(a.grad, a.dtype, a.grad_layout, r);
   float* buf = sc.zbuf.data();
-  if (a.mask && !a.mask[r]) {  // masked rows: zero gradient, logits not read
-    std::fill(buf, buf + kTile, 0.f);
-    for (int64_t j0 = 0; j0 < a.V; j0 += kTile)
-      store_tile(grow, a.dtype, j0, int(std::min<int64_t>(kTile, a.V - j0)), buf);
-    return;
-  }
+  if (a.mask && !a.mask[r]) return zero_row(grow, a.dtype, a.V);  // logits not read
   // p_j = 2^((z_j − M)·c − ℓ·log2 e), c = log2(e)/τ
   const float c = kLog2e / a.temperature, M = a.lse[2 * r], l2 = a.lse[2 * r + 1] * kLog2e;
   const float g = a.grad_out[r], sh = a.shift[r];
