@@ -27,28 +27,28 @@ def _mask(device):
 
 
 def _ops(z, zr, tok, mask):
-    """(name, the op's output, its float64 reference) for every op with an [N, V] gradient."""
+    """(name, the op's output, its float64 reference, the reference's input) for every op
+    with an [N, V] gradient; the dense topk_kl is the reference of topk_kl on a
+    SparseReference built on the policy's own top-k."""
     z64, zr64 = z.detach().double().requires_grad_(), zr.double()
+    m, t = (None if mask is None else mask.cpu()), tok.cpu()  # the reference's, on the CPU
     sref = tike_cuda.sparse_reference(zr, tike_cuda.topk_indices(z, K), sampled_tokens=tok,
                                       mask=mask)
     return [
         ("token_logprobs", lambda: tike_cuda.token_logprobs(z, tok, mask=mask),
-         lambda: token_logprobs_reference(z64, tok.cpu(), mask=None if mask is None else mask.cpu()), z64),
+         lambda: token_logprobs_reference(z64, t, mask=m), z64),
         ("entropy", lambda: tike_cuda.token_logprobs(z, tok, mask=mask, return_entropy=True)[1],
-         lambda: token_logprobs_reference(z64, tok.cpu(), return_entropy=True,
-                                          mask=None if mask is None else mask.cpu())[1], z64),
+         lambda: token_logprobs_reference(z64, t, return_entropy=True, mask=m)[1], z64),
         ("full_kl", lambda: tike_cuda.full_kl(z, zr, mask=mask),
-         lambda: full_kl_reference(z64, zr64, mask=None if mask is None else mask.cpu()), z64),
+         lambda: full_kl_reference(z64, zr64, mask=m), z64),
         ("topk_kl", lambda: tike_cuda.topk_kl(z, zr, K, sampled_tokens=tok, mask=mask),
-         lambda: topk_kl_reference(z64, zr64, K, sampled_tokens=tok.cpu(),
-                                   mask=None if mask is None else mask.cpu()), z64),
+         lambda: topk_kl_reference(z64, zr64, K, sampled_tokens=t, mask=m), z64),
         ("topk_kl_bucket", lambda: tike_cuda.topk_kl(z, zr, K, sampled_tokens=tok, mask=mask,
                                                      tail="bucket"),
-         lambda: topk_kl_reference(z64, zr64, K, sampled_tokens=tok.cpu(), tail="bucket",
-                                   mask=None if mask is None else mask.cpu()), z64),
+         lambda: topk_kl_reference(z64, zr64, K, sampled_tokens=t, tail="bucket", mask=m),
+         z64),
         ("topk_kl_sparse", lambda: tike_cuda.topk_kl(z, sref, K, sampled_tokens=tok, mask=mask),
-         lambda: topk_kl_reference(z64, zr64, K, sampled_tokens=tok.cpu(),
-                                   mask=None if mask is None else mask.cpu()), z64),
+         lambda: topk_kl_reference(z64, zr64, K, sampled_tokens=t, mask=m), z64),
     ]
 
 
